@@ -1,1 +1,12 @@
+//! keywatch: tells operators of bring-your-own-key deployments what a key event did to them.
+//!
+//! See ARCHITECTURE.md for the map. The engine (`engine`) is pure; everything else is the shell.
 
+pub mod cli;
+pub mod commands;
+pub mod crn;
+pub mod engine;
+pub mod event;
+pub mod settings;
+pub mod setup;
+pub mod timefmt;

@@ -1,0 +1,109 @@
+//! The command line: argument parsing, dispatch, and the mapping of failures to exit codes
+//! (0 success, 1 invalid input or configuration, 2 runtime failure).
+
+use crate::commands;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keywatch",
+    version,
+    about = "Tells operators of BYOK deployments what a key event did to them"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Process Activity Tracker events from JSON Lines files (`-` = stdin) offline and print the report.
+    Replay {
+        #[arg(long, env = "KEYWATCH_CONFIG")]
+        config: Option<PathBuf>,
+        /// Evaluate deadlines at this time (RFC 3339); default: the latest eventTime read.
+        #[arg(long)]
+        now: Option<String>,
+        /// Write into the configured store instead of an in-memory one (backfill).
+        #[arg(long)]
+        store: bool,
+        #[arg(required = true)]
+        files: Vec<String>,
+    },
+    /// Validate the configuration and the registry, and print a summary.
+    CheckConfig {
+        #[arg(long, env = "KEYWATCH_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// For one event: is it relevant, which deployments it touches, which transitions and alerts it causes.
+    Explain {
+        #[arg(long, env = "KEYWATCH_CONFIG")]
+        config: Option<PathBuf>,
+        file: PathBuf,
+    },
+    /// Which deployments a key protects, with their state. KEY is a key CRN or key id.
+    BlastRadius {
+        #[arg(long, env = "KEYWATCH_CONFIG")]
+        config: Option<PathBuf>,
+        key: String,
+    },
+}
+
+/// A failure with its exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn invalid(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 1,
+            message: message.into(),
+        }
+    }
+    pub fn runtime(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 2,
+            message: message.into(),
+        }
+    }
+}
+
+/// Parses the arguments and runs the command; returns the process exit code.
+pub fn main_with_args(args: Vec<std::ffi::OsString>) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let code = match e.kind() {
+                ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => 0,
+                _ => 1,
+            };
+            let _ = e.print();
+            return code;
+        }
+    };
+    let result = match cli.command {
+        Command::Replay {
+            config,
+            now,
+            store,
+            files,
+        } => commands::replay_command(config.as_deref(), now.as_deref(), store, &files),
+        Command::CheckConfig { config } => commands::check_config(config.as_deref()),
+        Command::Explain { config, file } => commands::explain(config.as_deref(), &file),
+        Command::BlastRadius { config, key } => commands::blast_radius(config.as_deref(), &key),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(f) => {
+            eprintln!("{}", f.message.replace('\n', " "));
+            f.code
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! `check-config`, `explain` and `blast-radius`: questions about the configuration and one event.
+
+use super::load_settings;
+use crate::cli::Failure;
+use crate::engine::view::DeploymentView;
+use crate::engine::{Disposition, Engine};
+use crate::setup;
+use crate::timefmt::Millis;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+fn engine_for(config: Option<&Path>) -> Result<Engine, Failure> {
+    let settings = load_settings(config)?;
+    setup::init_logging(Some(&settings), "warn");
+    let mut engine = setup::fresh_engine(&settings)
+        .map_err(|e| Failure::invalid(format!("registry error: {e}")))?;
+    engine.take_alerts();
+    engine.clear_changes();
+    Ok(engine)
+}
+
+pub fn check_config(config: Option<&Path>) -> Result<(), Failure> {
+    let settings = load_settings(config)?;
+    let (deployments, policies) =
+        setup::registry(&settings).map_err(|e| Failure::invalid(format!("registry error: {e}")))?;
+    let mut engine = Engine::new(setup::lifecycle(&settings));
+    engine.register(deployments.clone());
+    let keys = engine.keys().len();
+    let shared: Vec<String> = engine
+        .keys()
+        .iter()
+        .filter(|(id, _)| engine.deployments_on_key(id).len() >= 2)
+        .map(|(_, k)| {
+            format!(
+                "{} ({} deployments)",
+                k.crn,
+                engine
+                    .deployments_on_key(&engine.find_key(&k.crn).unwrap_or_default())
+                    .len()
+            )
+        })
+        .collect();
+    println!("{}", settings.summary());
+    println!(
+        "registry: {} deployments on {} keys, {} known authorizations",
+        deployments.len(),
+        keys,
+        policies.len()
+    );
+    for s in &shared {
+        println!("  shared key: {s}");
+    }
+    println!("configuration ok");
+    Ok(())
+}
+
+pub fn blast_radius(config: Option<&Path>, key: &str) -> Result<(), Failure> {
+    let engine = engine_for(config)?;
+    let now = Millis::now();
+    let Some(id) = engine.find_key(key) else {
+        return Err(Failure::invalid(format!(
+            "blast-radius: no registered deployment uses key {key:?}"
+        )));
+    };
+    let view = engine.key_view(&id).expect("known key");
+    let deployments: Vec<DeploymentView> = view
+        .deployments
+        .iter()
+        .filter_map(|c| engine.deployment_view(c, now))
+        .collect();
+    let out = json!({ "key": view.crn, "state": view.state, "deployments": deployments });
+    println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    Ok(())
+}
+
+pub fn explain(config: Option<&Path>, file: &Path) -> Result<(), Failure> {
+    let mut engine = engine_for(config)?;
+    let raw = std::fs::read(file)
+        .map_err(|e| Failure::invalid(format!("explain: cannot read {}: {e}", file.display())))?;
+    let record = match serde_json::from_slice::<Value>(&raw) {
+        Ok(v) => serde_json::to_vec(&v).unwrap_or(raw),
+        Err(_) => {
+            let lines: Vec<&[u8]> = raw
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+                .collect();
+            if lines.len() > 1 {
+                return Err(Failure::invalid(format!(
+                    "explain: {} holds {} lines that are not one JSON value; explain takes one event",
+                    file.display(),
+                    lines.len()
+                )));
+            }
+            raw
+        }
+    };
+    let before = views(&engine);
+    let timelines: BTreeMap<String, usize> = engine
+        .deployments()
+        .iter()
+        .map(|(c, d)| (c.clone(), d.timeline.len()))
+        .collect();
+    let disposition = engine.ingest(&record);
+    let now = engine.latest_event_time().unwrap_or_else(Millis::now);
+    let alerts = engine.take_alerts();
+    let after = views(&engine);
+    let mut touched = BTreeSet::new();
+    let mut transitions = Vec::new();
+    for (crn, a) in &after {
+        if timelines.get(crn).copied().unwrap_or(0) != engine.deployments()[crn].timeline.len() {
+            touched.insert(crn.clone());
+        }
+        if let Some(b) = before.get(crn) {
+            let (bv, av) = (
+                serde_json::to_value(b).unwrap_or_default(),
+                serde_json::to_value(a).unwrap_or_default(),
+            );
+            for field in [
+                "lifecycle",
+                "disk",
+                "rewrap",
+                "authorization",
+                "key_version",
+                "restorable_until",
+                "rewrap_deadline_at",
+                "deletion_authorized_until",
+                "purge_at",
+            ] {
+                if bv[field] != av[field] {
+                    touched.insert(crn.clone());
+                    transitions.push(json!({ "deployment": crn, "field": field, "from": bv[field], "to": av[field] }));
+                }
+            }
+        }
+    }
+    for a in &alerts {
+        touched.insert(a.deployment.clone());
+    }
+    let (result, reason) = match &disposition {
+        Disposition::Applied => ("applied", None),
+        Disposition::Ignored => ("ignored", None),
+        Disposition::Duplicate => ("duplicate", None),
+        Disposition::Invalid(r) => ("invalid", Some(r.to_string())),
+    };
+    let action = serde_json::from_slice::<Value>(&record)
+        .ok()
+        .and_then(|v| v.get("action").cloned());
+    let out = json!({
+        "action": action,
+        "result": result,
+        "reason": reason,
+        "relevant": disposition == Disposition::Applied,
+        "evaluated_at": now,
+        "deployments": touched,
+        "transitions": transitions,
+        "alerts": alerts.iter().map(|a| json!({
+            "kind": a.kind, "severity": a.severity, "deployment": a.deployment, "key": a.key,
+            "event_time": a.event_time, "correlation_id": a.correlation_id, "summary": a.summary,
+        })).collect::<Vec<_>>(),
+    });
+    println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    Ok(())
+}
+
+fn views(engine: &Engine) -> BTreeMap<String, DeploymentView> {
+    let now = engine.latest_event_time().unwrap_or(Millis(0));
+    engine
+        .deployments()
+        .keys()
+        .filter_map(|c| engine.deployment_view(c, now).map(|v| (c.clone(), v)))
+        .collect()
+}

@@ -1,0 +1,50 @@
+//! The commands of spec section 1, each a thin shell around the engine.
+
+mod inspect;
+pub mod replay;
+
+pub use inspect::{blast_radius, check_config, explain};
+
+use crate::cli::Failure;
+use crate::settings::Settings;
+use crate::setup;
+use crate::timefmt::Millis;
+use std::io::Write;
+use std::path::Path;
+
+/// Loads and validates the configuration, or fails with exit code 1 and a one-line message.
+pub fn load_settings(config: Option<&Path>) -> Result<Settings, Failure> {
+    Settings::load(config).map_err(|e| Failure::invalid(e.to_string()))
+}
+
+pub fn replay_command(
+    config: Option<&Path>,
+    now: Option<&str>,
+    store: bool,
+    files: &[String],
+) -> Result<(), Failure> {
+    let settings = load_settings(config)?;
+    setup::init_logging(Some(&settings), "warn");
+    let now = match now {
+        Some(text) => Some(Millis::parse(text).ok_or_else(|| {
+            Failure::invalid(format!("replay: --now: {text:?} is not an RFC 3339 time"))
+        })?),
+        None => None,
+    };
+    if store {
+        return Err(Failure::invalid(
+            "replay: --store: the durable store is not available in this build",
+        ));
+    }
+    let mut engine = setup::fresh_engine(&settings)
+        .map_err(|e| Failure::invalid(format!("registry error: {e}")))?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+    match replay::replay(&mut engine, files, now, &mut out, true) {
+        Ok(_) => out
+            .flush()
+            .map_err(|e| Failure::runtime(format!("replay: writing the report: {e}"))),
+        Err(e @ replay::ReplayError::Open { .. }) => Err(Failure::invalid(e.to_string())),
+        Err(e) => Err(Failure::runtime(e.to_string())),
+    }
+}

@@ -1,0 +1,205 @@
+//! `keywatch replay`: the engine over JSON Lines files, offline, printing the report of spec section 6.
+
+use crate::engine::view::{AlertView, StateReport};
+use crate::engine::{Alert, Disposition, Engine};
+use crate::timefmt::Millis;
+use std::io::{self, BufRead, BufReader, BufWriter, Seek, Write};
+use std::path::Path;
+
+/// Counts and positions while feeding one input.
+pub struct Input<'a> {
+    pub name: &'a str,
+    pub reader: Box<dyn BufRead + 'a>,
+}
+
+/// Opens `-` (stdin) or a file, with its size when known (for the progress bar).
+pub fn open_input(name: &str) -> io::Result<(Box<dyn BufRead>, Option<u64>)> {
+    if name == "-" {
+        return Ok((
+            Box::new(BufReader::with_capacity(1 << 20, io::stdin())),
+            None,
+        ));
+    }
+    let file = std::fs::File::open(name)?;
+    let size = file.metadata().ok().map(|m| m.len());
+    Ok((Box::new(BufReader::with_capacity(1 << 20, file)), size))
+}
+
+/// Feeds every line of `reader` to the engine and hands raised alerts to `sink`. Blank lines are
+/// skipped; invalid records are logged with their position. `progress` is told the bytes read.
+pub fn feed(
+    engine: &mut Engine,
+    name: &str,
+    reader: &mut dyn BufRead,
+    sink: &mut dyn FnMut(Vec<Alert>) -> io::Result<()>,
+    progress: &mut dyn FnMut(u64),
+) -> io::Result<()> {
+    let mut line = Vec::with_capacity(4096);
+    let mut number = 0u64;
+    let mut since_progress = 0u64;
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            break;
+        }
+        number += 1;
+        since_progress += n as u64;
+        let record = trim_line(&line);
+        if record.is_empty() {
+            continue;
+        }
+        if let Disposition::Invalid(reason) = engine.ingest(record) {
+            tracing::warn!(input = name, line = number, %reason, "invalid record");
+        }
+        let alerts = engine.take_alerts();
+        if !alerts.is_empty() {
+            sink(alerts)?;
+        }
+        if since_progress >= 1 << 22 {
+            progress(since_progress);
+            since_progress = 0;
+        }
+    }
+    progress(since_progress);
+    Ok(())
+}
+
+fn trim_line(line: &[u8]) -> &[u8] {
+    let mut end = line.len();
+    while end > 0 && matches!(line[end - 1], b'\n' | b'\r' | b' ' | b'\t') {
+        end -= 1;
+    }
+    let mut start = 0;
+    while start < end && matches!(line[start], b' ' | b'\t') {
+        start += 1;
+    }
+    &line[start..end]
+}
+
+/// Writes the report: state, then the alerts in the order raised (read back from `alerts`, one
+/// JSON object per line), then the counters.
+pub fn write_report(
+    out: &mut dyn Write,
+    state: &StateReport,
+    alerts: &mut dyn BufRead,
+) -> io::Result<()> {
+    out.write_all(b"{\n  \"deployments\": ")?;
+    serde_json::to_writer_pretty(&mut *out, &state.deployments)?;
+    out.write_all(b",\n  \"keys\": ")?;
+    serde_json::to_writer_pretty(&mut *out, &state.keys)?;
+    out.write_all(b",\n  \"alerts\": [")?;
+    let mut first = true;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if alerts.read_line(&mut line)? == 0 {
+            break;
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            continue;
+        }
+        out.write_all(if first { b"\n    " } else { b",\n    " })?;
+        out.write_all(l.as_bytes())?;
+        first = false;
+    }
+    out.write_all(if first {
+        b"],\n  \"stats\": "
+    } else {
+        b"\n  ],\n  \"stats\": "
+    })?;
+    serde_json::to_writer(&mut *out, &state.stats)?;
+    out.write_all(b"\n}\n")?;
+    out.flush()
+}
+
+/// Replays `inputs` through `engine`, evaluates deadlines at `now` (default: the latest eventTime
+/// read) and writes the report to `out`. Alerts are spilled to a temporary file so that memory does
+/// not grow with the input.
+pub fn replay(
+    engine: &mut Engine,
+    inputs: &[String],
+    now: Option<Millis>,
+    out: &mut dyn Write,
+    show_progress: bool,
+) -> Result<Millis, ReplayError> {
+    let spill = tempfile::tempfile().map_err(ReplayError::Io)?;
+    let mut spill = BufWriter::with_capacity(1 << 16, spill);
+    let mut sink = |alerts: Vec<Alert>| -> io::Result<()> {
+        for a in &alerts {
+            serde_json::to_writer(&mut spill, &AlertView::from(a))?;
+            spill.write_all(b"\n")?;
+        }
+        Ok(())
+    };
+    // Alerts raised by registering the configured deployments (shared keys) come first.
+    sink(engine.take_alerts()).map_err(ReplayError::Io)?;
+    for name in inputs {
+        let (mut reader, size) = open_input(name).map_err(|e| ReplayError::Open {
+            name: name.clone(),
+            source: e,
+        })?;
+        let bar = progress_bar(show_progress, size, name);
+        let mut progress = |n: u64| {
+            if let Some(b) = &bar {
+                b.inc(n)
+            }
+        };
+        feed(engine, name, &mut reader, &mut sink, &mut progress).map_err(|e| {
+            ReplayError::Read {
+                name: name.clone(),
+                source: e,
+            }
+        })?;
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+    }
+    let now = now
+        .or(engine.latest_event_time())
+        .unwrap_or_else(Millis::now);
+    engine.tick(now);
+    sink(engine.take_alerts()).map_err(ReplayError::Io)?;
+    let mut spill = spill
+        .into_inner()
+        .map_err(|e| ReplayError::Io(e.into_error()))?;
+    spill.rewind().map_err(ReplayError::Io)?;
+    let mut alerts = BufReader::new(&mut spill);
+    let state = engine.state_report(now);
+    write_report(out, &state, &mut alerts).map_err(ReplayError::Io)?;
+    Ok(now)
+}
+
+fn progress_bar(show: bool, size: Option<u64>, name: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    let size = size?;
+    if !show || size < 32 << 20 || !io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(size);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(
+        Path::new(name)
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
+    Some(bar)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("replay: cannot open {name}: {source}")]
+    Open { name: String, source: io::Error },
+    #[error("replay: reading {name}: {source}")]
+    Read { name: String, source: io::Error },
+    #[error("replay: {0}")]
+    Io(io::Error),
+}

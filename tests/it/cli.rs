@@ -1,0 +1,113 @@
+//! The binary from the outside: exit codes and one-line errors for bad input (spec section 1).
+
+use crate::support::repo;
+use std::process::{Command, Output};
+
+fn keywatch(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_keywatch"))
+        .args(args)
+        .env_remove("KEYWATCH_CONFIG")
+        .output()
+        .expect("runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn a_missing_input_file_is_invalid_input() {
+    let o = keywatch(&["replay", "/nonexistent/events.jsonl"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("/nonexistent/events.jsonl"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stderr(&o).contains("panicked"));
+}
+
+#[test]
+fn a_bad_flag_is_invalid_input() {
+    let o = keywatch(&["replay", "--bogus", "x"]);
+    assert_eq!(o.status.code(), Some(1));
+    let o = keywatch(&["replay", "--now", "yesterday", "-"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--now"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_bad_config_names_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kw.toml");
+    std::fs::write(&path, "[lifecycle]\nrewrap_deadline = \"4 hourz\"\n").unwrap();
+    let o = keywatch(&["check-config", "--config", path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("kw.toml") && e.contains("rewrap_deadline"),
+        "{e}"
+    );
+    assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+}
+
+#[test]
+fn a_bad_registry_entry_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kw.toml");
+    std::fs::write(
+        &path,
+        "[[deployments]]\ncrn = \"crn:v1:bluemix:public:messagehub:us-south:a/acc:guid::\"\nkey = \"not-a-key\"\n",
+    )
+    .unwrap();
+    let o = keywatch(&["check-config", "--config", path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("deployments[0]") && e.contains("key"), "{e}");
+}
+
+#[test]
+fn garbage_input_never_panics_and_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("garbage.jsonl");
+    let mut garbage = Vec::new();
+    for line in ["{", "}", "[]", "null", "\"x\"", "{\"action\":null}", "{\"action\":\"kms.secrets.delete\"}", "\u{0}\u{1}", "{\"action\":\"kms.secrets.delete\",\"target\":{\"id\":5},\"eventTime\":\"2026-01-01T00:00:00Z\"}"] {
+        garbage.extend_from_slice(line.as_bytes());
+        garbage.push(b'\n');
+    }
+    garbage.extend_from_slice(&[0xff, 0xfe, b'\n']);
+    std::fs::write(&path, garbage).unwrap();
+    let o = keywatch(&["replay", path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("report");
+    assert_eq!(report["stats"]["events"], 10);
+    assert_eq!(report["stats"]["invalid"], 10);
+}
+
+#[test]
+fn replay_reads_stdin_and_several_files() {
+    let case = repo().join("../shared/samples/scenarios/crypto-shred");
+    if !case.exists() {
+        return;
+    }
+    let config = case.join("config.toml");
+    let events = case.join("events.jsonl");
+    let o = Command::new(env!("CARGO_BIN_EXE_keywatch"))
+        .args([
+            "replay",
+            "--config",
+            config.to_str().unwrap(),
+            "-",
+            events.to_str().unwrap(),
+        ])
+        .stdin(std::fs::File::open(&events).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["stats"]["events"], 64);
+    assert_eq!(
+        report["stats"]["duplicates"], 2,
+        "the second copy's applied events are duplicates"
+    );
+}

@@ -1,0 +1,185 @@
+//! Order independence (spec section 3): any permutation of a set of state-setting events ends in
+//! the same deployment and key state. Anonymous (counted) acknowledgements are left out: counting
+//! is order-dependent by definition.
+
+use keywatch::engine::Engine;
+use keywatch::settings::Settings;
+use keywatch::setup;
+use keywatch::timefmt::Millis;
+use proptest::prelude::*;
+use serde_json::{json, Value};
+use std::sync::OnceLock;
+
+const ACCOUNT: &str = "f047b55a3362ac06afad8a3f2f5586ea";
+const K1: &str =
+    "crn:v1:bluemix:public:kms:us-south:a/f047b55a3362ac06afad8a3f2f5586ea:inst-1:key:key-1";
+const K2: &str =
+    "crn:v1:bluemix:public:hs-crypto:us-south:a/f047b55a3362ac06afad8a3f2f5586ea:inst-2:key:key-2";
+const D1: &str =
+    "crn:v1:bluemix:public:messagehub:us-south:a/f047b55a3362ac06afad8a3f2f5586ea:dep-1::";
+const D2: &str =
+    "crn:v1:bluemix:public:messagehub:us-south:a/f047b55a3362ac06afad8a3f2f5586ea:dep-2::";
+const D3: &str = "crn:v1:bluemix:public:databases-for-postgresql:us-south:a/f047b55a3362ac06afad8a3f2f5586ea:dep-3::";
+const VOL2: &str =
+    "crn:v1:bluemix:public:is:us-south-1:a/f047b55a3362ac06afad8a3f2f5586ea::volume:vol-2";
+
+fn config() -> &'static Settings {
+    static SETTINGS: OnceLock<Settings> = OnceLock::new();
+    SETTINGS.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.toml");
+        let toml = format!(
+            r#"
+[[deployments]]
+crn = "{D1}"
+name = "d1"
+key = "{K1}"
+[[deployments]]
+crn = "{D2}"
+name = "d2"
+key = "{K1}"
+resources = ["{VOL2}"]
+[[deployments]]
+crn = "{D3}"
+name = "d3"
+key = "{K2}"
+"#
+        );
+        std::fs::write(&path, toml).expect("write config");
+        Settings::load_with_env(Some(&path), &[]).expect("config loads")
+    })
+}
+
+fn at(minutes: i64) -> String {
+    Millis(1_787_234_400_000 + minutes * 60_000).to_string()
+}
+
+fn key_event(action: &str, key: &str, minute: i64, outcome: &str, extra: Value) -> String {
+    let mut e = json!({
+        "eventTime": at(minute), "action": action, "outcome": outcome,
+        "correlationId": format!("corr-{action}-{minute}"),
+        "initiator": {"id": "IBMid-1", "name": "ops@example.com"},
+        "target": {"id": key, "typeURI": "kms/secrets"},
+        "reason": {"reasonCode": 200},
+    });
+    if let Value::Object(extra) = extra {
+        for (k, v) in extra {
+            e[k] = v;
+        }
+    }
+    e.to_string()
+}
+
+fn policy_create(
+    id: &str,
+    source: &str,
+    target: &str,
+    instance: &str,
+    minute: i64,
+    as_strings: bool,
+) -> String {
+    let body = json!({"type": "authorization",
+        "subjects": [{"attributes": [{"name": "accountId", "value": ACCOUNT}, {"name": "serviceName", "value": source}]}],
+        "roles": [{"role_id": "crn:v1:bluemix:public:iam::::serviceRole:Reader"}],
+        "resources": [{"attributes": [{"name": "accountId", "value": ACCOUNT}, {"name": "serviceName", "value": target},
+                                      {"name": "serviceInstance", "value": instance}]}]});
+    let response = json!({"id": id}).to_string();
+    let request = if as_strings {
+        json!(json!({"body": body}).to_string())
+    } else {
+        json!({"body": body})
+    };
+    json!({"eventTime": at(minute), "action": "iam-am.policy.create", "outcome": "success",
+        "correlationId": format!("pc-{id}"),
+        "target": {"id": format!("crn:v1:bluemix:public:iam-am::a/{ACCOUNT}::policy:{id}")},
+        "requestData": request, "responseData": {"response_body": response}})
+    .to_string()
+}
+
+fn policy_delete(id: &str, minute: i64) -> String {
+    json!({"eventTime": at(minute), "action": "iam-am.policy.delete", "outcome": "success",
+        "correlationId": format!("pd-{id}"),
+        "target": {"id": format!("crn:v1:bluemix:public:iam-am::a/{ACCOUNT}::policy:{id}")}})
+    .to_string()
+}
+
+fn pool() -> Vec<String> {
+    let rot = |key: &str, minute: i64, corr: &str| {
+        key_event(
+            &format!(
+                "{}.secrets.rotate",
+                if key == K2 { "hs-crypto" } else { "kms" }
+            ),
+            key,
+            minute,
+            "success",
+            json!({"correlationId": corr}),
+        )
+    };
+    vec![
+        key_event("kms.secrets.disable", K1, 10, "success", json!({})),
+        key_event("kms.secrets.enable", K1, 20, "success", json!({})),
+        key_event("kms.secrets.disable", K1, 20, "success", json!({"correlationId": "same-time"})),
+        key_event("kms.secrets.delete", K1, 30, "success", json!({"responseData": {"keyState": 5}})),
+        key_event("kms.secrets.restore", K1, 40, "success", json!({})),
+        key_event("hs-crypto.secrets.expire", K2, 15, "success", json!({})),
+        key_event("hs-crypto.secrets.purge", K2, 50, "success", json!({})),
+        key_event("kms.secrets.setkeyfordeletion", K1, 22, "success", json!({})),
+        key_event("kms.secrets.unsetkeyfordeletion", K1, 23, "success", json!({})),
+        rot(K1, 12, "R1"),
+        key_event("kms.secrets.ack-rotate", K1, 14, "success",
+            json!({"correlationId": "R1", "responseData": {"resourceCRN": D1, "eventAckData": {"newKeyVersionId": "v2", "eventType": "rotation"}}})),
+        key_event("kms.secrets.ack-rotate", K1, 16, "failure",
+            json!({"correlationId": "R1", "reason": {"reasonCode": 408}, "responseData": {"resourceCRN": VOL2}})),
+        json!({"eventTime": at(13), "action": "messagehub.instance.update", "outcome": "success", "correlationId": "R1",
+            "target": {"id": D2}})
+        .to_string(),
+        rot(K2, 25, "R2"),
+        key_event("hs-crypto.secrets.ack-rotate", K2, 27, "failure",
+            json!({"correlationId": "R2", "reason": {"reasonCode": 409}, "responseData": {"eventAckData": {"resourceCRN": D3}}})),
+        rot(K1, 60, "R3"),
+        policy_create("P1", "messagehub", "kms", "inst-1", 5, false),
+        policy_delete("P1", 35),
+        policy_create("P2", "server-protect", "hs-crypto", "inst-2", 36, true),
+        policy_delete("P2", 37),
+        policy_create("P3", "messagehub", "kms", "inst-1", 38, true),
+        json!({"eventTime": at(45), "action": "messagehub.instance.delete", "outcome": "success", "target": {"id": D1}})
+            .to_string(),
+    ]
+}
+
+fn final_state(events: &[String]) -> Value {
+    let mut engine: Engine = setup::fresh_engine(config()).expect("registry");
+    for e in events {
+        engine.ingest(e.as_bytes());
+    }
+    let now = Millis(1_787_234_400_000 + 24 * 3600 * 1000);
+    engine.tick(now);
+    let report = engine.state_report(now);
+    json!({ "deployments": report.deployments, "keys": report.keys })
+}
+
+#[test]
+fn every_pool_event_is_applied() {
+    let mut engine: Engine = setup::fresh_engine(config()).expect("registry");
+    for e in pool() {
+        let d = engine.ingest(e.as_bytes());
+        assert!(
+            matches!(d, keywatch::engine::Disposition::Applied),
+            "{d:?} for {e}"
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    #[test]
+    fn any_order_gives_the_same_state(
+        (chosen, shuffled) in prop::sample::subsequence(pool(), 1..=22)
+            .prop_flat_map(|v| (Just(v.clone()), Just(v).prop_shuffle()))
+    ) {
+        let a = final_state(&chosen);
+        let b = final_state(&shuffled);
+        prop_assert_eq!(a, b);
+    }
+}
