@@ -9,4 +9,5 @@ pub mod engine;
 pub mod event;
 pub mod settings;
 pub mod setup;
+pub mod store;
 pub mod timefmt;
