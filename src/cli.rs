@@ -31,6 +31,29 @@ pub enum Command {
         #[arg(required = true)]
         files: Vec<String>,
     },
+    /// The service: consume, correlate, persist, alert, serve HTTP.
+    Run {
+        #[arg(long, env = "KEYWATCH_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Print the state persisted in the configured store as the report of `replay`.
+    Status {
+        #[arg(long, env = "KEYWATCH_CONFIG")]
+        config: Option<PathBuf>,
+        /// Evaluate the views (approval windows) at this time; default: now.
+        #[arg(long)]
+        now: Option<String>,
+    },
+    /// Produce JSON Lines records (`-` = stdin) to the configured topic, one record per line (demos, re-feeding archives).
+    Publish {
+        #[arg(long, env = "KEYWATCH_CONFIG")]
+        config: Option<PathBuf>,
+        /// Topic to produce to; default: `[kafka] topic`.
+        #[arg(long)]
+        topic: Option<String>,
+        #[arg(required = true)]
+        files: Vec<String>,
+    },
     /// Validate the configuration and the registry, and print a summary.
     CheckConfig {
         #[arg(long, env = "KEYWATCH_CONFIG")]
@@ -95,6 +118,13 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> i32 {
             store,
             files,
         } => commands::replay_command(config.as_deref(), now.as_deref(), store, &files),
+        Command::Run { config } => commands::run(config.as_deref()),
+        Command::Status { config, now } => commands::status(config.as_deref(), now.as_deref()),
+        Command::Publish {
+            config,
+            topic,
+            files,
+        } => commands::publish(config.as_deref(), topic.as_deref(), &files),
         Command::CheckConfig { config } => commands::check_config(config.as_deref()),
         Command::Explain { config, file } => commands::explain(config.as_deref(), &file),
         Command::BlastRadius { config, key } => commands::blast_radius(config.as_deref(), &key),

@@ -1,9 +1,13 @@
 //! The commands of spec section 1, each a thin shell around the engine.
 
 mod inspect;
+mod publish;
 pub mod replay;
+mod stateful;
 
 pub use inspect::{blast_radius, check_config, explain};
+pub use publish::publish;
+pub use stateful::{replay_into_store, run, status};
 
 use crate::cli::Failure;
 use crate::settings::Settings;
@@ -23,6 +27,9 @@ pub fn replay_command(
     store: bool,
     files: &[String],
 ) -> Result<(), Failure> {
+    if store {
+        return replay_into_store(config, now, files);
+    }
     let settings = load_settings(config)?;
     setup::init_logging(Some(&settings), "warn");
     let now = match now {
@@ -31,11 +38,6 @@ pub fn replay_command(
         })?),
         None => None,
     };
-    if store {
-        return Err(Failure::invalid(
-            "replay: --store: the durable store is not available in this build",
-        ));
-    }
     let mut engine = setup::fresh_engine(&settings)
         .map_err(|e| Failure::invalid(format!("registry error: {e}")))?;
     let stdout = std::io::stdout();

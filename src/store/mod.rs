@@ -65,6 +65,7 @@ macro_rules! on_tx {
     };
 }
 
+mod notifications;
 mod schema;
 #[cfg(test)]
 mod tests;

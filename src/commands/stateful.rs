@@ -1,0 +1,192 @@
+//! The commands that use the durable store: `run`, `status` and `replay --store`.
+
+use super::load_settings;
+use crate::cli::Failure;
+use crate::commands::replay::{open_input, write_report};
+use crate::engine::view::AlertView;
+use crate::engine::{Alert, Disposition};
+use crate::service::{self, persist, EngineHandle, Shared};
+use crate::settings::Settings;
+use crate::setup;
+use crate::store::Store;
+use crate::timefmt::Millis;
+use std::io::{BufRead, Cursor, Write};
+use std::path::Path;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(format!("cannot start the async runtime: {e}")))
+}
+
+async fn connect(settings: &Settings) -> Result<Store, Failure> {
+    Store::connect(&settings.store.url)
+        .await
+        .map_err(|e| Failure::runtime(format!("store: {e:#}")))
+}
+
+pub fn run(config: Option<&Path>) -> Result<(), Failure> {
+    let settings = load_settings(config)?;
+    setup::init_logging(Some(&settings), "info");
+    setup::registry(&settings).map_err(|e| Failure::invalid(format!("registry error: {e}")))?;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let token = CancellationToken::new();
+        tokio::spawn(service::cancel_on_signals(token.clone()));
+        let shared = Arc::new(Shared::default());
+        let (handle, requests) = EngineHandle::new(64);
+        let listener = tokio::net::TcpListener::bind(settings.http.listen)
+            .await
+            .map_err(|e| Failure::runtime(format!("run: http.listen {}: {e}", settings.http.listen)))?;
+        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "http");
+        let http_store = connect(&settings).await?;
+        let state = crate::http::AppState::new(&settings, shared.clone(), handle, Some(http_store));
+        let http = tokio::spawn(crate::http::serve(listener, state, token.clone()));
+        let result = service::run(settings, token.clone(), shared, requests).await;
+        token.cancel();
+        let _ = http.await;
+        result.map_err(|e| Failure::runtime(format!("run: {e:#}")))
+    })
+}
+
+pub fn status(config: Option<&Path>, now: Option<&str>) -> Result<(), Failure> {
+    let settings = load_settings(config)?;
+    setup::init_logging(Some(&settings), "warn");
+    let now = parse_now(now)?.unwrap_or_else(Millis::now);
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let store = connect(&settings).await?;
+        print_stored_report(&store, &settings, now).await
+    })
+}
+
+fn parse_now(now: Option<&str>) -> Result<Option<Millis>, Failure> {
+    match now {
+        Some(text) => Millis::parse(text)
+            .map(Some)
+            .ok_or_else(|| Failure::invalid(format!("--now: {text:?} is not an RFC 3339 time"))),
+        None => Ok(None),
+    }
+}
+
+/// The report of the persisted state: what `replay` prints for the events applied so far.
+async fn print_stored_report(
+    store: &Store,
+    settings: &Settings,
+    now: Millis,
+) -> Result<(), Failure> {
+    let loaded = persist::load(store, settings)
+        .await
+        .map_err(|e| Failure::runtime(format!("store: {e:#}")))?;
+    let state = loaded.engine.state_report(now);
+    let mut alerts_jsonl = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let page = store
+            .alerts_since(cursor, 10_000)
+            .await
+            .map_err(|e| Failure::runtime(format!("store: {e:#}")))?;
+        let Some(last) = page.last() else { break };
+        cursor = last.seq;
+        for row in &page {
+            if let Ok(alert) = serde_json::from_value::<Alert>(row.doc.clone()) {
+                serde_json::to_writer(&mut alerts_jsonl, &AlertView::from(&alert)).ok();
+                alerts_jsonl.push(b'\n');
+            }
+        }
+    }
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    write_report(&mut out, &state, &mut Cursor::new(alerts_jsonl))
+        .and_then(|_| out.flush())
+        .map_err(|e| Failure::runtime(format!("writing the report: {e}")))
+}
+
+/// `replay --store`: backfills the configured store from files with the same engine, one
+/// transaction per 1000 records, then prints the stored report.
+pub fn replay_into_store(
+    config: Option<&Path>,
+    now: Option<&str>,
+    files: &[String],
+) -> Result<(), Failure> {
+    let settings = load_settings(config)?;
+    setup::init_logging(Some(&settings), "warn");
+    setup::registry(&settings).map_err(|e| Failure::invalid(format!("registry error: {e}")))?;
+    let now = parse_now(now)?;
+    let mut inputs = Vec::new();
+    for name in files {
+        let (reader, _) = open_input(name)
+            .map_err(|e| Failure::invalid(format!("replay: cannot open {name}: {e}")))?;
+        inputs.push((name.clone(), reader));
+    }
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let store = connect(&settings).await?;
+        let fail = |e: persist::PersistError| Failure::runtime(format!("store: {e:#}"));
+        let loaded = persist::load(&store, &settings).await.map_err(fail)?;
+        let (mut engine, mut seq) = (loaded.engine, loaded.seq);
+        let mut tx = store.begin().await.map_err(|e| fail(e.into()))?;
+        persist::sync(&mut tx, &mut engine, seq)
+            .await
+            .map_err(fail)?;
+        persist::register_configured(&mut engine, &settings).map_err(fail)?;
+        persist::write(&mut tx, &mut engine, &[])
+            .await
+            .map_err(fail)?;
+        seq = tx.commit().await.map_err(|e| fail(e.into()))?;
+        let mut line = Vec::new();
+        for (name, mut reader) in inputs {
+            let mut number = 0u64;
+            loop {
+                let mut tx = store.begin().await.map_err(|e| fail(e.into()))?;
+                persist::sync(&mut tx, &mut engine, seq)
+                    .await
+                    .map_err(fail)?;
+                let mut in_batch = 0;
+                let mut eof = false;
+                while in_batch < 1000 {
+                    line.clear();
+                    let n = reader
+                        .read_until(b'\n', &mut line)
+                        .map_err(|e| Failure::runtime(format!("replay: reading {name}: {e}")))?;
+                    if n == 0 {
+                        eof = true;
+                        break;
+                    }
+                    number += 1;
+                    let record = line.trim_ascii();
+                    if record.is_empty() {
+                        continue;
+                    }
+                    in_batch += 1;
+                    if let Disposition::Invalid(reason) = engine.ingest(record) {
+                        tracing::warn!(input = %name, line = number, %reason, "invalid record");
+                    }
+                }
+                persist::write(&mut tx, &mut engine, &[])
+                    .await
+                    .map_err(fail)?;
+                seq = tx.commit().await.map_err(|e| fail(e.into()))?;
+                if eof {
+                    break;
+                }
+            }
+        }
+        let now = now
+            .or(engine.latest_event_time())
+            .unwrap_or_else(Millis::now);
+        let mut tx = store.begin().await.map_err(|e| fail(e.into()))?;
+        persist::sync(&mut tx, &mut engine, seq)
+            .await
+            .map_err(fail)?;
+        engine.tick(now);
+        persist::write(&mut tx, &mut engine, &[])
+            .await
+            .map_err(fail)?;
+        tx.commit().await.map_err(|e| fail(e.into()))?;
+        print_stored_report(&store, &settings, now).await
+    })
+}

@@ -1,0 +1,502 @@
+//! `keywatch run`: the long-running shell around the engine. Consumes Activity Tracker records from
+//! Kafka, applies each batch to the engine and persists state changes, processed-event markers,
+//! alerts (the outbox) and per-partition progress in ONE store transaction, and only then stores
+//! the Kafka offsets. A crash anywhere replays at most the uncommitted tail, which the engine
+//! recognises (processed-event markers, stored progress) so no effect happens twice.
+
+pub mod kafka;
+pub mod persist;
+
+use crate::engine::{Disposition, Engine, RegistryError};
+use crate::event::{classify_action, skim, ActionClass, ActionField};
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+use crate::store::{PartitionOffset, Store};
+use crate::timefmt::Millis;
+use kafka::{ConsumerState, KeywatchContext};
+use persist::PersistError;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// At most this many records are applied in one store transaction (bounded in-flight work: the
+/// consumer is not polled while a batch is being written, so a slow store pauses consumption).
+pub const MAX_BATCH: usize = 1000;
+/// How long a batch waits for more records once it has one.
+pub const BATCH_LINGER: Duration = Duration::from_millis(20);
+/// How often deadlines are evaluated on the wall clock.
+pub const TICK_INTERVAL: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("store: {0}")]
+    Persist(#[from] PersistError),
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}
+
+/// What the HTTP side can observe of a running service.
+#[derive(Default)]
+pub struct Shared {
+    pub consumer: Arc<ConsumerState>,
+    /// The last store transaction succeeded.
+    pub store_ok: std::sync::atomic::AtomicBool,
+    /// The processing loop is consuming (start-up done).
+    pub consuming: std::sync::atomic::AtomicBool,
+    pub batches: std::sync::atomic::AtomicU64,
+    pub metrics: Metrics,
+}
+
+/// A question or a registry change for the engine, served by the processing loop between batches
+/// (the loop is the engine's only owner).
+pub enum Request {
+    Query(Box<dyn FnOnce(&Engine) + Send>),
+    /// Register or update a deployment (`PUT /v1/deployments/{crn}`); replies whether it was new.
+    Register {
+        spec: crate::engine::DeploymentSpec,
+        reply: tokio::sync::oneshot::Sender<Result<bool, String>>,
+    },
+    /// Soft-delete a deployment (`DELETE /v1/deployments/{crn}`); replies whether it existed.
+    SoftDelete {
+        crn: String,
+        reply: tokio::sync::oneshot::Sender<Result<bool, String>>,
+    },
+}
+
+/// The HTTP side's handle on the engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: tokio::sync::mpsc::Sender<Request>,
+}
+
+impl EngineHandle {
+    pub fn new(capacity: usize) -> (EngineHandle, tokio::sync::mpsc::Receiver<Request>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+        (EngineHandle { tx }, rx)
+    }
+
+    /// Runs `f` on the engine; `None` when the service is not running.
+    pub async fn query<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Engine) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let q: Box<dyn FnOnce(&Engine) + Send> = Box::new(move |e: &Engine| {
+            let _ = reply.send(f(e));
+        });
+        self.tx.send(Request::Query(q)).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub async fn request<T>(
+        &self,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> Request,
+    ) -> Option<T> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(make(reply)).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+struct Processor {
+    settings: Settings,
+    store: Store,
+    engine: Engine,
+    seq: i64,
+    /// Next offset to process per (topic, partition), as persisted.
+    progress: BTreeMap<(String, i32), i64>,
+    dlq: Option<(FutureProducer, String)>,
+    shared: Arc<Shared>,
+}
+
+/// Runs until `shutdown` is cancelled; then finishes the batch in hand, commits and returns.
+pub async fn run(
+    settings: Settings,
+    shutdown: CancellationToken,
+    health: Arc<Shared>,
+    mut requests: tokio::sync::mpsc::Receiver<Request>,
+) -> Result<(), ServiceError> {
+    let store = Store::connect(&settings.store.url).await?;
+    health.store_ok.store(true, Ordering::SeqCst);
+    let loaded = persist::load(&store, &settings).await?;
+    let mut p = Processor {
+        settings: settings.clone(),
+        store,
+        engine: loaded.engine,
+        seq: loaded.seq,
+        progress: BTreeMap::new(),
+        dlq: None,
+        shared: health.clone(),
+    };
+    p.startup().await?;
+
+    let context = KeywatchContext {
+        state: health.consumer.clone(),
+    };
+    let consumer: StreamConsumer<KeywatchContext> =
+        kafka::consumer_config(&settings.kafka).create_with_context(context)?;
+    consumer.subscribe(&[settings.kafka.topic.as_str()])?;
+    if let Some(topic) = &settings.kafka.dead_letter_topic {
+        let producer: FutureProducer = kafka::producer_config(&settings.kafka).create()?;
+        p.dlq = Some((producer, topic.clone()));
+    }
+    tracing::info!(topic = %settings.kafka.topic, group = %settings.kafka.group_id, store = %p.store.url(), "consuming");
+    health.consuming.store(true, Ordering::SeqCst);
+
+    let mut last_tick = Instant::now();
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(req) = requests.recv() => {
+                p.serve(req, &shutdown).await?;
+                continue;
+            }
+            m = consumer.recv() => m,
+            _ = tokio::time::sleep(TICK_INTERVAL) => {
+                p.tick_with_retry(&shutdown).await?;
+                last_tick = Instant::now();
+                continue;
+            }
+        };
+        let received = Instant::now();
+        let mut batch = Vec::with_capacity(64);
+        match first {
+            Ok(m) => batch.push(m.detach()),
+            Err(e) => {
+                tracing::warn!(error = %e, "kafka receive error");
+                continue;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + BATCH_LINGER;
+        while batch.len() < MAX_BATCH {
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(m.detach()),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "kafka receive error");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if health.consumer.reassigned.swap(false, Ordering::SeqCst) {
+            p.reload_progress().await?;
+        }
+        let next = p.process_with_retry(&batch, &shutdown).await?;
+        health.batches.fetch_add(1, Ordering::Relaxed);
+        let took = received.elapsed().as_secs_f64();
+        for _ in 0..batch.len() {
+            health.metrics.processing.observe(took);
+        }
+        for ((topic, partition), offset) in next {
+            if let Err(e) = consumer.store_offset(&topic, partition, offset) {
+                tracing::debug!(error = %e, topic, partition, "offset not stored (partition revoked?)");
+            }
+        }
+        if last_tick.elapsed() >= TICK_INTERVAL {
+            p.tick_with_retry(&shutdown).await?;
+            last_tick = Instant::now();
+        }
+    }
+    tracing::info!("shutting down: committing offsets");
+    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        tracing::warn!(error = %e, "final offset commit failed; the stored progress still prevents double effects");
+    }
+    p.store.close().await;
+    Ok(())
+}
+
+impl Processor {
+    /// Serves one request from the HTTP side.
+    async fn serve(
+        &mut self,
+        req: Request,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ServiceError> {
+        match req {
+            Request::Query(f) => f(&self.engine),
+            Request::Register { spec, reply } => {
+                let r = self
+                    .mutate(shutdown, |engine| {
+                        let origin = format!("PUT /v1/deployments/{}", spec.crn);
+                        let valid = crate::engine::validate_deployment(spec, &origin)
+                            .map_err(|e: RegistryError| e.to_string())?;
+                        let new = engine.deployments().get(&valid.spec.crn).is_none();
+                        engine.register(vec![valid]);
+                        Ok(new)
+                    })
+                    .await?;
+                let _ = reply.send(r);
+            }
+            Request::SoftDelete { crn, reply } => {
+                let r = self
+                    .mutate(shutdown, |engine| {
+                        let now = Millis::now();
+                        Ok(engine.soft_delete(&crn, now, &format!("api:delete:{crn}:{}", now.0)))
+                    })
+                    .await?;
+                let _ = reply.send(r);
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a registry change in its own transaction.
+    async fn mutate<T>(
+        &mut self,
+        shutdown: &CancellationToken,
+        f: impl FnOnce(&mut Engine) -> Result<T, String>,
+    ) -> Result<Result<T, String>, ServiceError> {
+        let mut f = Some(f);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let r: Result<Result<T, String>, PersistError> = async {
+                let mut tx = self.store.begin().await?;
+                persist::sync(&mut tx, &mut self.engine, self.seq).await?;
+                let out = (f.take().expect("applied once"))(&mut self.engine);
+                let (_, alerts) = persist::write(&mut tx, &mut self.engine, &[]).await?;
+                self.seq = tx.commit().await?;
+                self.count_alerts(&alerts);
+                Ok(out)
+            }
+            .await;
+            match r {
+                Ok(out) => return Ok(out),
+                Err(e) if e.is_transient() && !shutdown.is_cancelled() && f.is_some() => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => {
+                    self.reload().await.ok();
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    fn count_alerts(&self, alerts: &[crate::engine::Alert]) {
+        for a in alerts {
+            self.shared
+                .metrics
+                .alerts
+                .with_label_values(&[a.kind.as_str(), a.severity.as_str()])
+                .inc();
+        }
+    }
+
+    /// Registers the configured registry and evaluates deadlines once.
+    async fn startup(&mut self) -> Result<(), ServiceError> {
+        let mut tx = self.store.begin().await?;
+        persist::sync(&mut tx, &mut self.engine, self.seq).await?;
+        persist::register_configured(&mut self.engine, &self.settings)?;
+        self.engine.tick(Millis::now());
+        let (_, alerts) = persist::write(&mut tx, &mut self.engine, &[]).await?;
+        self.seq = tx.commit().await?;
+        self.count_alerts(&alerts);
+        self.reload_progress().await?;
+        Ok(())
+    }
+
+    async fn reload_progress(&mut self) -> Result<(), ServiceError> {
+        let k = &self.settings.kafka;
+        for o in self.store.offsets(&k.group_id, &k.topic).await? {
+            let e = self
+                .progress
+                .entry((o.topic, o.partition))
+                .or_insert(o.next_offset);
+            *e = (*e).max(o.next_offset);
+        }
+        Ok(())
+    }
+
+    async fn process_with_retry(
+        &mut self,
+        batch: &[OwnedMessage],
+        shutdown: &CancellationToken,
+    ) -> Result<BTreeMap<(String, i32), i64>, ServiceError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.process(batch).await {
+                Ok(next) => return Ok(next),
+                Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+                    self.shared.store_ok.store(false, Ordering::SeqCst);
+                    tracing::warn!(error = %e, retry_in = ?backoff, "store unavailable; retrying the batch");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    self.reload().await.ok();
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The engine's in-memory state may be ahead of the store after a failed transaction.
+    async fn reload(&mut self) -> Result<(), PersistError> {
+        let loaded = persist::load(&self.store, &self.settings).await?;
+        self.engine = loaded.engine;
+        self.seq = loaded.seq;
+        Ok(())
+    }
+
+    /// Applies one batch in one transaction; returns the next offset to store per partition.
+    async fn process(
+        &mut self,
+        batch: &[OwnedMessage],
+    ) -> Result<BTreeMap<(String, i32), i64>, PersistError> {
+        let mut tx = self.store.begin().await?;
+        persist::sync(&mut tx, &mut self.engine, self.seq).await?;
+        // Another instance may have processed these partitions before a rebalance.
+        let k = &self.settings.kafka;
+        let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let mut dead = Vec::new();
+        for m in batch {
+            let tp = (m.topic().to_owned(), m.partition());
+            let done = self.progress.get(&tp).copied().unwrap_or(0);
+            let n = next.entry(tp).or_insert(done);
+            if m.offset() < done {
+                continue;
+            }
+            *n = (*n).max(m.offset() + 1);
+            let payload = m.payload().unwrap_or_default();
+            let disposition = self.engine.ingest(payload);
+            let metrics = &self.shared.metrics;
+            match &disposition {
+                Disposition::Applied => {
+                    metrics.events.with_label_values(&["applied"]).inc();
+                    if let Ok(s) = skim(payload) {
+                        if let ActionField::Str(a) = &s.action {
+                            if let ActionClass::Key(k) = classify_action(a) {
+                                metrics.key_events.with_label_values(&[k.name()]).inc();
+                            }
+                        }
+                        if let Some(t) = s.event_time.as_deref().and_then(Millis::parse) {
+                            metrics.event_age.set(t.seconds_until(Millis::now()));
+                        }
+                    }
+                }
+                Disposition::Ignored => metrics.events.with_label_values(&["ignored"]).inc(),
+                Disposition::Duplicate => metrics.events.with_label_values(&["duplicate"]).inc(),
+                Disposition::Invalid(reason) => {
+                    metrics.events.with_label_values(&["invalid"]).inc();
+                    tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), %reason, "invalid record");
+                    dead.push((m, reason.to_string()));
+                }
+            }
+        }
+        let offsets: Vec<PartitionOffset> = next
+            .iter()
+            .map(|((topic, partition), o)| PartitionOffset {
+                group: k.group_id.clone(),
+                topic: topic.clone(),
+                partition: *partition,
+                next_offset: *o,
+            })
+            .collect();
+        let (new_alerts, alerts) = persist::write(&mut tx, &mut self.engine, &offsets).await?;
+        self.seq = tx.commit().await?;
+        self.shared.store_ok.store(true, Ordering::SeqCst);
+        self.count_alerts(&alerts);
+        if new_alerts > 0 {
+            tracing::info!(alerts = new_alerts, "alerts stored");
+        }
+        for (tp, o) in &next {
+            self.progress.insert(tp.clone(), *o);
+        }
+        self.dead_letter(&dead).await;
+        Ok(next)
+    }
+
+    /// Sends invalid records to the dead-letter topic, with the reason and origin as headers.
+    /// Best effort after the batch is durable: a failure is logged (the record is counted invalid
+    /// and logged with its position either way).
+    async fn dead_letter(&self, dead: &[(&OwnedMessage, String)]) {
+        let Some((producer, topic)) = &self.dlq else {
+            return;
+        };
+        for (m, reason) in dead {
+            let partition = m.partition().to_string();
+            let offset = m.offset().to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "keywatch-reason",
+                    value: Some(reason.as_bytes()),
+                })
+                .insert(Header {
+                    key: "keywatch-source-topic",
+                    value: Some(m.topic().as_bytes()),
+                })
+                .insert(Header {
+                    key: "keywatch-source-partition",
+                    value: Some(partition.as_bytes()),
+                })
+                .insert(Header {
+                    key: "keywatch-source-offset",
+                    value: Some(offset.as_bytes()),
+                });
+            let payload = m.payload().unwrap_or_default();
+            let record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(topic).payload(payload).headers(headers);
+            if let Err((e, _)) = producer.send(record, Duration::from_secs(30)).await {
+                tracing::error!(error = %e, partition = m.partition(), offset = m.offset(), "dead-letter produce failed");
+            }
+        }
+    }
+
+    async fn tick_with_retry(&mut self, shutdown: &CancellationToken) -> Result<(), ServiceError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let r: Result<(), PersistError> = async {
+                let mut tx = self.store.begin().await?;
+                persist::sync(&mut tx, &mut self.engine, self.seq).await?;
+                self.engine.tick(Millis::now());
+                let (_, alerts) = persist::write(&mut tx, &mut self.engine, &[]).await?;
+                self.seq = tx.commit().await?;
+                self.count_alerts(&alerts);
+                Ok(())
+            }
+            .await;
+            match r {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+                    tracing::warn!(error = %e, "store unavailable during the deadline check; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    self.reload().await.ok();
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Waits for SIGINT or SIGTERM and cancels `token`.
+pub async fn cancel_on_signals(token: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                token.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("signal received: stopping");
+    token.cancel();
+}
