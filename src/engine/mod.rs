@@ -607,7 +607,11 @@ impl Engine {
                 })
             }
             ActionClass::InstanceDelete => {
-                let Some(dep) = self.lookup_deployment(target) else {
+                // Only the deployment's own CRN counts, not one of its resources.
+                let Some(dep) = self
+                    .lookup_deployment(target)
+                    .filter(|d| d.eq_ignore_ascii_case(target))
+                else {
                     return Disposition::Ignored;
                 };
                 let ev = match event::parse_full(line, class) {
