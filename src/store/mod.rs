@@ -501,20 +501,39 @@ impl StoreTx<'_> {
 
     /// Which of these processed-event ids (entities of kind [`EVENT_KIND`]) are stored.
     pub async fn existing_events(&mut self, ids: &[String]) -> Result<HashSet<String>, StoreError> {
+        let failed = query_error("look up processed events");
         let mut found = HashSet::new();
-        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-            let rows: Vec<String> = on_tx!(&mut self.tx, |c| {
-                let mut q = QueryBuilder::new("SELECT id FROM entities WHERE kind = ");
-                q.push_bind(EVENT_KIND).push(" AND id IN (");
-                let mut list = q.separated(", ");
-                for id in chunk {
-                    list.push_bind(id.as_str());
+        if ids.is_empty() {
+            return Ok(found);
+        }
+        match &mut self.tx {
+            Tx::Postgres(c) => {
+                let rows: Vec<String> =
+                    sqlx::query_scalar("SELECT id FROM entities WHERE kind = $1 AND id = ANY($2)")
+                        .bind(EVENT_KIND)
+                        .bind(ids)
+                        .fetch_all(&mut **c)
+                        .await
+                        .map_err(failed)?;
+                found.extend(rows);
+            }
+            Tx::Sqlite(c) => {
+                for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+                    let mut q = QueryBuilder::new("SELECT id FROM entities WHERE kind = ");
+                    q.push_bind(EVENT_KIND).push(" AND id IN (");
+                    let mut list = q.separated(", ");
+                    for id in chunk {
+                        list.push_bind(id.as_str());
+                    }
+                    q.push(")");
+                    let rows: Vec<String> = q
+                        .build_query_scalar()
+                        .fetch_all(&mut **c)
+                        .await
+                        .map_err(failed)?;
+                    found.extend(rows);
                 }
-                q.push(")");
-                q.build_query_scalar().fetch_all(&mut **c).await
-            })
-            .map_err(query_error("look up processed events"))?;
-            found.extend(rows);
+            }
         }
         Ok(found)
     }
@@ -534,25 +553,48 @@ impl StoreTx<'_> {
         for (kind, id, doc) in rows {
             unique.insert((kind.as_str(), id.as_str()), json_text(doc)?);
         }
-        let unique: Vec<((&str, &str), String)> = unique.into_iter().collect();
         let seq = self.write_seq().await?;
-        let json_cast = self.backend.json_cast();
-        for chunk in unique.chunks(ROWS_PER_STATEMENT) {
-            on_tx!(&mut self.tx, |c| {
-                let mut q = QueryBuilder::new("INSERT INTO entities (kind, id, doc, seq) ");
-                q.push_values(chunk, |mut row, ((kind, id), doc)| {
-                    row.push_bind(*kind)
-                        .push_bind(*id)
-                        .push_bind(doc.as_str())
-                        .push_unseparated(json_cast)
-                        .push_bind(seq);
-                });
-                q.push(
-                    " ON CONFLICT (kind, id) DO UPDATE SET doc = excluded.doc, seq = excluded.seq",
-                );
-                q.build().execute(&mut **c).await.map(|r| r.rows_affected())
-            })
-            .map_err(query_error("write entities"))?;
+        let failed = query_error("write entities");
+        match &mut self.tx {
+            Tx::Postgres(c) => {
+                let mut kinds = Vec::with_capacity(unique.len());
+                let mut ids = Vec::with_capacity(unique.len());
+                let mut docs = Vec::with_capacity(unique.len());
+                for ((kind, id), doc) in &unique {
+                    kinds.push(*kind);
+                    ids.push(*id);
+                    docs.push(doc.as_str());
+                }
+                sqlx::query(
+                    "INSERT INTO entities (kind, id, doc, seq) \
+                     SELECT kind, id, doc::json, $4 FROM UNNEST($1::text[], $2::text[], $3::text[]) \
+                     AS r (kind, id, doc) \
+                     ON CONFLICT (id, kind) DO UPDATE SET doc = excluded.doc, seq = excluded.seq",
+                )
+                .bind(&kinds)
+                .bind(&ids)
+                .bind(&docs)
+                .bind(seq)
+                .execute(&mut **c)
+                .await
+                .map_err(failed)?;
+            }
+            Tx::Sqlite(c) => {
+                let unique: Vec<_> = unique.iter().collect();
+                for chunk in unique.chunks(ROWS_PER_STATEMENT) {
+                    let mut q = QueryBuilder::new("INSERT INTO entities (kind, id, doc, seq) ");
+                    q.push_values(chunk, |mut row, ((kind, id), doc)| {
+                        row.push_bind(*kind)
+                            .push_bind(*id)
+                            .push_bind(doc.as_str())
+                            .push_bind(seq);
+                    });
+                    q.push(
+                        " ON CONFLICT (id, kind) DO UPDATE SET doc = excluded.doc, seq = excluded.seq",
+                    );
+                    q.build().execute(&mut **c).await.map_err(failed)?;
+                }
+            }
         }
         Ok(seq)
     }
@@ -584,39 +626,76 @@ impl StoreTx<'_> {
         .await)
         .map_err(query_error("allocate alert sequence numbers"))?;
         let first = last - count + 1;
-        let (json_cast, timestamp_cast) = (self.backend.json_cast(), self.backend.timestamp_cast());
-        let mut inserted = 0;
-        for (chunk_index, chunk) in unique.chunks(ROWS_PER_STATEMENT).enumerate() {
-            let chunk_first = first + (chunk_index * ROWS_PER_STATEMENT) as i64;
-            inserted += on_tx!(&mut self.tx, |c| {
-                let mut q = QueryBuilder::new(
+        let failed = query_error("insert alerts");
+        match &mut self.tx {
+            Tx::Postgres(c) => {
+                fn column<'a>(
+                    alerts: &'a [EncodedAlert<'a>],
+                    field: impl Fn(&'a EncodedAlert<'a>) -> &'a str,
+                ) -> Vec<&'a str> {
+                    alerts.iter().map(field).collect()
+                }
+                let seqs: Vec<i64> = (first..=last).collect();
+                let result = sqlx::query(
                     "INSERT INTO alerts (id, seq, kind, severity, deployment, key_crn, cause, \
-                     event_time, created_at, doc) ",
-                );
-                let mut seq = chunk_first;
-                q.push_values(chunk, |mut row, encoded| {
-                    let alert = encoded.alert;
-                    row.push_bind(alert.id.as_str())
-                        .push_bind(seq)
-                        .push_bind(alert.kind.as_str())
-                        .push_bind(alert.severity.as_str())
-                        .push_bind(alert.deployment.as_str())
-                        .push_bind(alert.key.as_str())
-                        .push_bind(alert.cause.as_str())
-                        .push_bind(encoded.event_time.as_str())
-                        .push_unseparated(timestamp_cast)
-                        .push_bind(encoded.created_at.as_str())
-                        .push_unseparated(timestamp_cast)
-                        .push_bind(encoded.doc.as_str())
-                        .push_unseparated(json_cast);
-                    seq += 1;
-                });
-                q.push(" ON CONFLICT (id) DO NOTHING");
-                q.build().execute(&mut **c).await.map(|r| r.rows_affected())
-            })
-            .map_err(query_error("insert alerts"))?;
+                     event_time, created_at, doc) \
+                     SELECT id, seq, kind, severity, deployment, key_crn, cause, \
+                     event_time::timestamptz, created_at::timestamptz, doc::json \
+                     FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], \
+                     $6::text[], $7::text[], $8::text[], $9::text[], $10::text[]) \
+                     AS r (id, seq, kind, severity, deployment, key_crn, cause, event_time, \
+                     created_at, doc) \
+                     ORDER BY seq \
+                     ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(column(&unique, |a| &a.alert.id))
+                .bind(seqs)
+                .bind(column(&unique, |a| &a.alert.kind))
+                .bind(column(&unique, |a| &a.alert.severity))
+                .bind(column(&unique, |a| &a.alert.deployment))
+                .bind(column(&unique, |a| &a.alert.key))
+                .bind(column(&unique, |a| &a.alert.cause))
+                .bind(column(&unique, |a| &a.event_time))
+                .bind(column(&unique, |a| &a.created_at))
+                .bind(column(&unique, |a| &a.doc))
+                .execute(&mut **c)
+                .await
+                .map_err(failed)?;
+                Ok(result.rows_affected())
+            }
+            Tx::Sqlite(c) => {
+                let mut inserted = 0;
+                let mut seq = first;
+                for chunk in unique.chunks(ROWS_PER_STATEMENT) {
+                    let mut q = QueryBuilder::new(
+                        "INSERT INTO alerts (id, seq, kind, severity, deployment, key_crn, cause, \
+                         event_time, created_at, doc) ",
+                    );
+                    q.push_values(chunk, |mut row, encoded| {
+                        let alert = encoded.alert;
+                        row.push_bind(alert.id.as_str())
+                            .push_bind(seq)
+                            .push_bind(alert.kind.as_str())
+                            .push_bind(alert.severity.as_str())
+                            .push_bind(alert.deployment.as_str())
+                            .push_bind(alert.key.as_str())
+                            .push_bind(alert.cause.as_str())
+                            .push_bind(encoded.event_time.as_str())
+                            .push_bind(encoded.created_at.as_str())
+                            .push_bind(encoded.doc.as_str());
+                        seq += 1;
+                    });
+                    q.push(" ON CONFLICT (id) DO NOTHING");
+                    inserted += q
+                        .build()
+                        .execute(&mut **c)
+                        .await
+                        .map_err(failed)?
+                        .rows_affected();
+                }
+                Ok(inserted)
+            }
         }
-        Ok(inserted)
     }
 
     /// Records Kafka progress: per (group, topic, partition) the stored `next_offset` becomes
@@ -629,29 +708,60 @@ impl StoreTx<'_> {
                 .or_insert(o.next_offset);
             *entry = (*entry).max(o.next_offset);
         }
-        let highest: Vec<_> = highest.into_iter().collect();
+        if highest.is_empty() {
+            return Ok(());
+        }
         let now = timestamp_text(OffsetDateTime::now_utc())?;
-        let timestamp_cast = self.backend.timestamp_cast();
-        let greatest = self.backend.greatest();
-        for chunk in highest.chunks(ROWS_PER_STATEMENT) {
-            on_tx!(&mut self.tx, |c| {
-                let mut q = QueryBuilder::new(
-                    "INSERT INTO kafka_offsets (group_id, topic, partition_id, next_offset, updated_at) ",
-                );
-                q.push_values(chunk, |mut row, ((group, topic, partition), next_offset)| {
-                    row.push_bind(*group)
-                        .push_bind(*topic)
-                        .push_bind(*partition)
-                        .push_bind(*next_offset)
-                        .push_bind(now.as_str())
-                        .push_unseparated(timestamp_cast);
-                });
-                q.push(" ON CONFLICT (group_id, topic, partition_id) DO UPDATE SET next_offset = ");
-                q.push(greatest);
-                q.push("(kafka_offsets.next_offset, excluded.next_offset), updated_at = excluded.updated_at");
-                q.build().execute(&mut **c).await.map(|r| r.rows_affected())
-            })
-            .map_err(query_error("save kafka offsets"))?;
+        let failed = query_error("save kafka offsets");
+        match &mut self.tx {
+            Tx::Postgres(c) => {
+                let groups: Vec<&str> = highest.keys().map(|k| k.0).collect();
+                let topics: Vec<&str> = highest.keys().map(|k| k.1).collect();
+                let partitions: Vec<i32> = highest.keys().map(|k| k.2).collect();
+                let next_offsets: Vec<i64> = highest.values().copied().collect();
+                sqlx::query(
+                    "INSERT INTO kafka_offsets (group_id, topic, partition_id, next_offset, updated_at) \
+                     SELECT group_id, topic, partition_id, next_offset, $5::timestamptz \
+                     FROM UNNEST($1::text[], $2::text[], $3::integer[], $4::bigint[]) \
+                     AS r (group_id, topic, partition_id, next_offset) \
+                     ON CONFLICT (group_id, topic, partition_id) DO UPDATE SET \
+                     next_offset = GREATEST(kafka_offsets.next_offset, excluded.next_offset), \
+                     updated_at = excluded.updated_at",
+                )
+                .bind(groups)
+                .bind(topics)
+                .bind(partitions)
+                .bind(next_offsets)
+                .bind(now.as_str())
+                .execute(&mut **c)
+                .await
+                .map_err(failed)?;
+            }
+            Tx::Sqlite(c) => {
+                let highest: Vec<_> = highest.into_iter().collect();
+                for chunk in highest.chunks(ROWS_PER_STATEMENT) {
+                    let mut q = QueryBuilder::new(
+                        "INSERT INTO kafka_offsets \
+                         (group_id, topic, partition_id, next_offset, updated_at) ",
+                    );
+                    q.push_values(
+                        chunk,
+                        |mut row, ((group, topic, partition), next_offset)| {
+                            row.push_bind(*group)
+                                .push_bind(*topic)
+                                .push_bind(*partition)
+                                .push_bind(*next_offset)
+                                .push_bind(now.as_str());
+                        },
+                    );
+                    q.push(
+                        " ON CONFLICT (group_id, topic, partition_id) DO UPDATE SET \
+                         next_offset = max(kafka_offsets.next_offset, excluded.next_offset), \
+                         updated_at = excluded.updated_at",
+                    );
+                    q.build().execute(&mut **c).await.map_err(failed)?;
+                }
+            }
         }
         Ok(())
     }
@@ -710,26 +820,11 @@ enum Backend {
 }
 
 impl Backend {
-    /// Appended to a text placeholder that fills a JSON column.
-    fn json_cast(self) -> &'static str {
-        match self {
-            Backend::Sqlite => "",
-            Backend::Postgres => "::json",
-        }
-    }
-
-    /// Appended to a text placeholder that fills (or is compared with) a timestamp column.
+    /// Appended to a text placeholder compared with a timestamp column.
     fn timestamp_cast(self) -> &'static str {
         match self {
             Backend::Sqlite => "",
             Backend::Postgres => "::timestamptz",
-        }
-    }
-
-    fn greatest(self) -> &'static str {
-        match self {
-            Backend::Sqlite => "max",
-            Backend::Postgres => "GREATEST",
         }
     }
 
@@ -835,7 +930,12 @@ async fn open_postgres(url: &str, shown: &str) -> Result<PgPool, StoreError> {
             url: shown.to_string(),
             reason: e.to_string(),
         })?
-        .application_name("keywatch");
+        .application_name("keywatch")
+        // Plan every statement for its actual parameters. The tables grow from empty, and a
+        // generic plan cached while they were small (a scan of every processed-event marker
+        // for each lookup) would stay until the next auto-analyze; planning is cheap next
+        // to that.
+        .options([("plan_cache_mode", "force_custom_plan")]);
     first_connection::<sqlx::PgConnection>(&options, shown).await?;
     Ok(PgPoolOptions::new()
         .max_connections(8)
@@ -985,7 +1085,7 @@ fn alert_from_tuple(row: AlertTuple) -> Result<AlertRow, StoreError> {
     })
 }
 
-fn query_error(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+fn query_error(what: &'static str) -> impl Fn(sqlx::Error) -> StoreError + Copy {
     move |source| StoreError::Query { what, source }
 }
 

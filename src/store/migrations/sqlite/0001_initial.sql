@@ -12,13 +12,14 @@ CREATE TABLE store_meta (
 );
 INSERT INTO store_meta (singleton, entity_seq, alert_seq) VALUES (1, 0, 0);
 
--- The engine's state: one JSON document per (kind, id).
+-- The engine's state: one JSON document per (kind, id). The key leads with `id` so that the
+-- processed-event lookup (kind = 'event' AND id IN (...)) can only be answered by probing it.
 CREATE TABLE entities (
     kind TEXT    NOT NULL,
     id   TEXT    NOT NULL,
     doc  TEXT    NOT NULL,
     seq  INTEGER NOT NULL,
-    PRIMARY KEY (kind, id)
+    PRIMARY KEY (id, kind)
 ) WITHOUT ROWID;
 CREATE INDEX entities_by_seq ON entities (seq);
 
