@@ -45,6 +45,11 @@ pub fn consumer_config(k: &KafkaSettings) -> ClientConfig {
     c.set("auto.offset.reset", "earliest");
     c.set("enable.partition.eof", "false");
     c.set("statistics.interval.ms", "5000");
+    // Bounded prefetch (librdkafka buffers up to 64 MiB per partition by default) and a short
+    // fetch wait, so that a lifecycle event is not held back by a broker that waits out
+    // fetch.wait.max.ms on a quiet topic. Both can be overridden in [kafka.properties].
+    c.set("queued.max.messages.kbytes", "8192");
+    c.set("fetch.wait.max.ms", "50");
     for (name, value) in &k.properties {
         c.set(name, value);
     }

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 /// At most this many records are applied in one store transaction (bounded in-flight work: the
 /// consumer is not polled while a batch is being written, so a slow store pauses consumption).
-pub const MAX_BATCH: usize = 1000;
+pub const MAX_BATCH: usize = 5000;
 /// How long a batch waits for more records once it has one.
 pub const BATCH_LINGER: Duration = Duration::from_millis(20);
 /// How often deadlines are evaluated on the wall clock.
@@ -191,8 +191,15 @@ pub async fn run(
         let next = p.process_with_retry(&batch, &shutdown).await?;
         health.batches.fetch_add(1, Ordering::Relaxed);
         let took = received.elapsed().as_secs_f64();
-        for _ in 0..batch.len() {
+        let committed_at = Millis::now();
+        for m in &batch {
             health.metrics.processing.observe(took);
+            if let Some(ms) = m.timestamp().to_millis() {
+                health
+                    .metrics
+                    .produce_to_commit
+                    .observe(((committed_at.0 - ms) as f64 / 1000.0).max(0.0));
+            }
         }
         for ((topic, partition), offset) in next {
             if let Err(e) = consumer.store_offset(&topic, partition, offset) {
