@@ -1,6 +1,6 @@
 //! `check-config`, `explain` and `blast-radius`: questions about the configuration and one event.
 
-use super::load_settings;
+use super::{emit, load_settings};
 use crate::cli::Failure;
 use crate::engine::view::DeploymentView;
 use crate::engine::{Disposition, Engine};
@@ -10,14 +10,49 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+/// The engine `explain` and `blast-radius` answer from: the persisted state when the configured
+/// store already exists (a SQLite file that is there, or a reachable PostgreSQL), otherwise the
+/// configured registry in its initial state. The store is only read.
 fn engine_for(config: Option<&Path>) -> Result<Engine, Failure> {
     let settings = load_settings(config)?;
     setup::init_logging(Some(&settings), "warn");
-    let mut engine = setup::fresh_engine(&settings)
-        .map_err(|e| Failure::invalid(format!("registry error: {e}")))?;
+    let mut engine = match persisted_engine(&settings) {
+        Some(engine) => engine,
+        None => setup::fresh_engine(&settings)
+            .map_err(|e| Failure::invalid(format!("registry error: {e}")))?,
+    };
     engine.take_alerts();
     engine.clear_changes();
     Ok(engine)
+}
+
+fn persisted_engine(settings: &crate::settings::Settings) -> Option<Engine> {
+    let url = &settings.store.url;
+    if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+        if !Path::new(path).exists() {
+            return None;
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+    rt.block_on(async {
+        let connect = crate::store::Store::connect(url);
+        let store = match tokio::time::timeout(std::time::Duration::from_secs(5), connect).await {
+            Ok(Ok(store)) => store,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "store not readable; answering from the configured registry");
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!("store did not answer in 5 s; answering from the configured registry");
+                return None;
+            }
+        };
+        let loaded = crate::service::persist::load(&store, settings).await.ok()?;
+        let mut engine = loaded.engine;
+        crate::service::persist::register_configured(&mut engine, settings).ok()?;
+        store.close().await;
+        Some(engine)
+    })
 }
 
 pub fn check_config(config: Option<&Path>) -> Result<(), Failure> {
@@ -41,17 +76,17 @@ pub fn check_config(config: Option<&Path>) -> Result<(), Failure> {
             )
         })
         .collect();
-    println!("{}", settings.summary());
-    println!(
+    emit(&settings.summary());
+    emit(&format!(
         "registry: {} deployments on {} keys, {} known authorizations",
         deployments.len(),
         keys,
         policies.len()
-    );
+    ));
     for s in &shared {
-        println!("  shared key: {s}");
+        emit(&format!("  shared key: {s}"));
     }
-    println!("configuration ok");
+    emit("configuration ok");
     Ok(())
 }
 
@@ -70,7 +105,7 @@ pub fn blast_radius(config: Option<&Path>, key: &str) -> Result<(), Failure> {
         .filter_map(|c| engine.deployment_view(c, now))
         .collect();
     let out = json!({ "key": view.crn, "state": view.state, "deployments": deployments });
-    println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    emit(&serde_json::to_string_pretty(&out).unwrap_or_default());
     Ok(())
 }
 
@@ -159,7 +194,7 @@ pub fn explain(config: Option<&Path>, file: &Path) -> Result<(), Failure> {
             "event_time": a.event_time, "correlation_id": a.correlation_id, "summary": a.summary,
         })).collect::<Vec<_>>(),
     });
-    println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    emit(&serde_json::to_string_pretty(&out).unwrap_or_default());
     Ok(())
 }
 

@@ -4,10 +4,12 @@ mod inspect;
 mod publish;
 pub mod replay;
 mod stateful;
+mod test_alert; // delivery: `keywatch test-alert`
 
 pub use inspect::{blast_radius, check_config, explain};
 pub use publish::publish;
 pub use stateful::{replay_into_store, run, status};
+pub use test_alert::test_alert;
 
 use crate::cli::Failure;
 use crate::settings::Settings;
@@ -15,6 +17,12 @@ use crate::setup;
 use crate::timefmt::Millis;
 use std::io::Write;
 use std::path::Path;
+
+/// Writes a line to stdout; a closed pipe (`keywatch ... | head`) is not an error worth a panic.
+pub fn emit(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}");
+}
 
 /// Loads and validates the configuration, or fails with exit code 1 and a one-line message.
 pub fn load_settings(config: Option<&Path>) -> Result<Settings, Failure> {
