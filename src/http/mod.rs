@@ -366,9 +366,11 @@ async fn put_deployment(
     State(s): State<AppState>,
     Path(crn): Path<String>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult {
     authorize(&s, &headers)?;
+    // A body over BODY_LIMIT (413) or unreadable: answer in JSON like every other error.
+    let body = body.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
     let b: DeploymentBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("request body: {e}")))?;
     if b.crn.as_deref().is_some_and(|c| c.trim() != crn.trim()) {

@@ -201,8 +201,14 @@ pub async fn run(
                     .observe(((committed_at.0 - ms) as f64 / 1000.0).max(0.0));
             }
         }
+        // `next` holds the next offset to read. `store_offset` would store offset + 1 (librdkafka's
+        // rd_kafka_offset_store semantics); a partition list is stored exactly as given.
         for ((topic, partition), offset) in next {
-            if let Err(e) = consumer.store_offset(&topic, partition, offset) {
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            let stored = tpl
+                .add_partition_offset(&topic, partition, rdkafka::Offset::Offset(offset))
+                .and_then(|_| consumer.store_offsets(&tpl));
+            if let Err(e) = stored {
                 tracing::debug!(error = %e, topic, partition, "offset not stored (partition revoked?)");
             }
         }
@@ -211,7 +217,10 @@ pub async fn run(
             last_tick = Instant::now();
         }
     }
-    tracing::info!("shutting down: committing offsets");
+    tracing::info!("shutting down: evaluating deadlines and committing offsets");
+    if let Err(e) = p.tick_with_retry(&shutdown).await {
+        tracing::warn!(error = %e, "final deadline check failed");
+    }
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::warn!(error = %e, "final offset commit failed; the stored progress still prevents double effects");
     }
@@ -405,6 +414,9 @@ impl Processor {
                 next_offset: *o,
             })
             .collect();
+        // Deadlines are evaluated with every batch too, so that the persisted state is current
+        // whenever a batch commits (the 5 s tick covers quiet periods).
+        self.engine.tick(Millis::now());
         let (new_alerts, alerts) = persist::write(&mut tx, &mut self.engine, &offsets).await?;
         self.seq = tx.commit().await?;
         self.shared.store_ok.store(true, Ordering::SeqCst);

@@ -3,4 +3,5 @@
 mod cli;
 mod order;
 mod scenarios;
+mod service;
 mod support;
