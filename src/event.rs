@@ -1,12 +1,13 @@
 //! The edge: Activity Tracker JSON in, domain events out. Only this module knows the wire format.
 //!
-//! Two passes. `skim` reads every record without building a document tree: it validates the JSON
-//! and borrows the few top-level fields needed to decide whether the record matters (`action`,
-//! `target.id`, `eventTime`, `correlationId`). Only records that the engine handles are then parsed
-//! in full (`parse_full`) into an [`Event`]; they are about 2% of a real stream.
+//! Two passes. `skim` reads every record without building a document tree: a hand-written
+//! scanner (`scan`) validates the JSON, accepting exactly what serde_json accepts, and borrows the
+//! few top-level fields needed to decide whether the record matters (`action`, `target.id`,
+//! `eventTime`, `correlationId`). Only records that the engine handles are then parsed in full
+//! (`parse_full`) into an [`Event`]; they are about 2% of a real stream.
 
 use crate::timefmt::Millis;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
@@ -46,16 +47,16 @@ pub enum InvalidReason {
 }
 
 /// Reads a record's deciding fields; fails when the record is not a JSON object.
+///
+/// The whole record is validated exactly as `serde_json::from_slice::<serde_json::Value>` would
+/// (so a record accepted here also parses in full), but no tree is built and nothing is copied
+/// unless a wanted string has escapes. Duplicate keys: the last one wins.
 pub fn skim(line: &[u8]) -> Result<Skim<'_>, InvalidReason> {
-    let mut de = serde_json::Deserializer::from_slice(line);
-    let skim = match TopLevel::deserialize(&mut de) {
-        Ok(TopLevel(Some(s))) => s,
-        Ok(TopLevel(None)) => return Err(InvalidReason::NotAnObject),
-        Err(e) => return Err(InvalidReason::NotJson(e.to_string())),
-    };
-    de.end()
-        .map_err(|e| InvalidReason::NotJson(e.to_string()))?;
-    Ok(skim)
+    match scan::skim(line) {
+        Ok(Some(skim)) => Ok(skim),
+        Ok(None) => Err(InvalidReason::NotAnObject),
+        Err(Malformed) => Err(not_json(line)),
+    }
 }
 
 /// How the engine treats an action, decided from its name alone.
@@ -432,205 +433,627 @@ pub fn parse_full(line: &[u8], class: ActionClass) -> Result<Event, InvalidReaso
     })
 }
 
-// ---- the skimming deserializer ----
+// ---- the skimming scanner ----
 
-struct TopLevel<'a>(Option<Skim<'a>>);
+/// Why `scan::skim` rejected a record; the message is produced afterwards, on the cold path.
+struct Malformed;
 
-impl<'de> Deserialize<'de> for TopLevel<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(TopVisitor)
+/// Describes a record the scanner rejected. serde_json parses it again to produce its usual
+/// message ("expected value at line 1 column 7"); this runs for invalid records only.
+#[cold]
+#[inline(never)]
+fn not_json(line: &[u8]) -> InvalidReason {
+    match serde_json::from_slice::<Value>(line) {
+        Err(e) => InvalidReason::NotJson(e.to_string()),
+        Ok(_) => InvalidReason::NotJson("malformed JSON".into()),
     }
 }
 
-struct TopVisitor;
+/// A validating JSON scanner that reads only what `skim` needs.
+///
+/// It accepts exactly the documents `serde_json::from_slice::<serde_json::Value>` accepts: RFC 8259
+/// grammar, white space limited to space, tab, CR and LF, strings of valid UTF-8 without raw
+/// control characters, escapes including paired UTF-16 surrogates, numbers that fit an `f64` by
+/// serde_json's rules, at most 127 nested arrays and objects, and nothing but white space after
+/// the value. Every byte is looked at, including inside values nobody reads; the fast part is the
+/// string scan, which checks 16 bytes at a time for `"`, `\`, control characters and non-ASCII.
+///
+/// The functions take the input and a cursor (an index into it) and return the cursor moved past
+/// what they read, so that the cursor stays in a register.
+mod scan {
+    use super::{ActionField, Malformed, Skim};
+    use std::borrow::Cow;
 
-impl<'de> Visitor<'de> for TopVisitor {
-    type Value = TopLevel<'de>;
+    /// serde_json's recursion limit: a 128th nested array or object is an error.
+    const MAX_DEPTH: u32 = 127;
 
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an Activity Tracker event")
-    }
+    type Res<T> = Result<T, Malformed>;
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+    /// `Ok(Some)` for an object, `Ok(None)` for any other valid JSON value.
+    pub(super) fn skim(b: &[u8]) -> Res<Option<Skim<'_>>> {
+        let mut i = 0;
+        let mut c = ws(b, &mut i);
+        if c != b'{' {
+            i = value(b, i, c, 0)?;
+            end(b, i)?;
+            return Ok(None);
+        }
+        i += 1;
         let mut skim = Skim {
             action: ActionField::Missing,
             target_id: None,
             event_time: None,
             correlation_id: None,
         };
-        while let Some(field) = map.next_key::<Field>()? {
-            match field {
-                Field::Action => {
-                    skim.action = match map.next_value::<MaybeStr>()?.0 {
-                        Some(s) => ActionField::Str(s),
-                        None => ActionField::NotAString,
+        c = ws(b, &mut i);
+        if c == b'}' {
+            i += 1;
+        } else {
+            loop {
+                let key = key(b, &mut i, c)?;
+                c = ws(b, &mut i);
+                // Later duplicates overwrite earlier ones, as in serde_json's map.
+                match field(b, key)? {
+                    Field::Action => {
+                        skim.action = match maybe_str(b, &mut i, c, 1)? {
+                            Some(a) => ActionField::Str(a),
+                            None => ActionField::NotAString,
+                        }
                     }
+                    Field::Target => skim.target_id = target_id(b, &mut i, c)?,
+                    Field::EventTime => skim.event_time = maybe_str(b, &mut i, c, 1)?,
+                    Field::CorrelationId => skim.correlation_id = maybe_str(b, &mut i, c, 1)?,
+                    Field::Other if c == b'"' => {
+                        string(b, &mut i)?;
+                    }
+                    Field::Other => i = value(b, i, c, 1)?,
                 }
-                Field::Target => skim.target_id = map.next_value::<TargetId>()?.0,
-                Field::EventTime => skim.event_time = map.next_value::<MaybeStr>()?.0,
-                Field::CorrelationId => skim.correlation_id = map.next_value::<MaybeStr>()?.0,
-                Field::Other => {
-                    map.next_value::<IgnoredAny>()?;
+                c = ws(b, &mut i);
+                if c == b',' {
+                    i += 1;
+                    c = ws(b, &mut i);
+                } else if c == b'}' {
+                    i += 1;
+                    break;
+                } else {
+                    return Err(Malformed);
                 }
             }
         }
-        Ok(TopLevel(Some(skim)))
+        end(b, i)?;
+        Ok(Some(skim))
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(TopLevel(None))
+    enum Field {
+        Action,
+        Target,
+        EventTime,
+        CorrelationId,
+        Other,
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(TopLevel(None))
+    /// A string's contents: `b[start..end]`, between the quotes. Always valid UTF-8.
+    #[derive(Clone, Copy)]
+    struct Span {
+        start: usize,
+        end: usize,
+        escaped: bool,
     }
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(TopLevel(None))
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(TopLevel(None))
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(TopLevel(None))
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(TopLevel(None))
-    }
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(TopLevel(None))
-    }
-}
 
-enum Field {
-    Action,
-    Target,
-    EventTime,
-    CorrelationId,
-    Other,
-}
+    /// Skips white space; returns the next byte, or 0 at the end (0 is never valid there).
+    #[inline(always)]
+    fn ws(b: &[u8], i: &mut usize) -> u8 {
+        let c = peek(b, *i);
+        // Every white space byte, and the 0 of the end, is at most b' '; every token starts above.
+        if c > b' ' {
+            return c;
+        }
+        // A single space, as in `": "` and `", "`.
+        let next = peek(b, *i + 1);
+        if c == b' ' && next > b' ' {
+            *i += 1;
+            return next;
+        }
+        ws_slow(b, i)
+    }
 
-impl<'de> Deserialize<'de> for Field {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Field;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a field name")
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Field, E> {
-                Ok(match v {
-                    "action" => Field::Action,
-                    "target" => Field::Target,
-                    "eventTime" => Field::EventTime,
-                    "correlationId" => Field::CorrelationId,
-                    _ => Field::Other,
-                })
+    #[inline(never)]
+    fn ws_slow(b: &[u8], i: &mut usize) -> u8 {
+        loop {
+            match peek(b, *i) {
+                b' ' | b'\n' | b'\t' | b'\r' => *i += 1,
+                c => return c,
             }
         }
-        d.deserialize_identifier(V)
     }
-}
 
-/// A value that is kept when it is a string and skipped (validated) otherwise.
-struct MaybeStr<'a>(Option<Cow<'a, str>>);
+    #[inline(always)]
+    fn peek(b: &[u8], i: usize) -> u8 {
+        b.get(i).copied().unwrap_or(0)
+    }
 
-impl<'de> Deserialize<'de> for MaybeStr<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(MaybeStrVisitor)
+    fn end(b: &[u8], mut i: usize) -> Res<()> {
+        ws(b, &mut i);
+        if i == b.len() {
+            Ok(())
+        } else {
+            Err(Malformed)
+        }
     }
-}
 
-struct MaybeStrVisitor;
+    /// An object key and its colon; `c` is the byte at the cursor.
+    #[inline(always)]
+    fn key(b: &[u8], i: &mut usize, c: u8) -> Res<Span> {
+        if c != b'"' {
+            return Err(Malformed);
+        }
+        let key = string(b, i)?;
+        if ws(b, i) != b':' {
+            return Err(Malformed);
+        }
+        *i += 1;
+        Ok(key)
+    }
 
-impl<'de> Visitor<'de> for MaybeStrVisitor {
-    type Value = MaybeStr<'de>;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("any value")
+    fn field(b: &[u8], key: Span) -> Res<Field> {
+        let name: Cow<'_, str> = text(b, key)?;
+        Ok(match name.as_bytes() {
+            b"action" => Field::Action,
+            b"target" => Field::Target,
+            b"eventTime" => Field::EventTime,
+            b"correlationId" => Field::CorrelationId,
+            _ => Field::Other,
+        })
     }
-    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-        Ok(MaybeStr(Some(Cow::Borrowed(v))))
-    }
-    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(MaybeStr(Some(Cow::Owned(v.to_owned()))))
-    }
-    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-        Ok(MaybeStr(Some(Cow::Owned(v))))
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(MaybeStr(None))
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(MaybeStr(None))
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(MaybeStr(None))
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(MaybeStr(None))
-    }
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(MaybeStr(None))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(MaybeStr(None))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(MaybeStr(None))
-    }
-}
 
-/// `target` reduced to its `id` string.
-struct TargetId<'a>(Option<Cow<'a, str>>);
+    /// The text of a scanned string, borrowed unless it has escapes.
+    #[inline(always)]
+    fn text(b: &[u8], s: Span) -> Res<Cow<'_, str>> {
+        if s.escaped {
+            unescape(b, s)
+        } else {
+            // SAFETY: `string` returns a span only after checking that its bytes are UTF-8: either
+            // all of them are below 0x80, or `str::from_utf8` accepted them.
+            Ok(Cow::Borrowed(unsafe {
+                std::str::from_utf8_unchecked(&b[s.start..s.end])
+            }))
+        }
+    }
 
-impl<'de> Deserialize<'de> for TargetId<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = TargetId<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a target object")
+    /// Rare: lets serde_json unescape the (already validated) literal, quotes included.
+    #[cold]
+    #[inline(never)]
+    fn unescape(b: &[u8], s: Span) -> Res<Cow<'_, str>> {
+        serde_json::from_slice::<String>(&b[s.start - 1..=s.end])
+            .map(Cow::Owned)
+            .map_err(|_| Malformed)
+    }
+
+    /// A value kept when it is a string, validated and dropped otherwise.
+    fn maybe_str<'a>(b: &'a [u8], i: &mut usize, c: u8, depth: u32) -> Res<Option<Cow<'a, str>>> {
+        if c == b'"' {
+            let s = string(b, i)?;
+            Ok(Some(text(b, s)?))
+        } else {
+            *i = value(b, *i, c, depth)?;
+            Ok(None)
+        }
+    }
+
+    /// The top-level `target` value reduced to its string `id`.
+    fn target_id<'a>(b: &'a [u8], i: &mut usize, c: u8) -> Res<Option<Cow<'a, str>>> {
+        if c != b'{' {
+            *i = value(b, *i, c, 1)?;
+            return Ok(None);
+        }
+        *i += 1;
+        let mut id = None;
+        let mut c = ws(b, i);
+        if c == b'}' {
+            *i += 1;
+            return Ok(id);
+        }
+        loop {
+            let key = key(b, i, c)?;
+            c = ws(b, i);
+            if text(b, key)? == "id" {
+                id = maybe_str(b, i, c, 2)?;
+            } else {
+                *i = value(b, *i, c, 2)?;
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut id = None;
-                while let Some(k) = map.next_key::<Cow<'de, str>>()? {
-                    if k == "id" {
-                        id = map.next_value::<MaybeStr>()?.0;
+            c = ws(b, i);
+            if c == b',' {
+                *i += 1;
+                c = ws(b, i);
+            } else if c == b'}' {
+                *i += 1;
+                return Ok(id);
+            } else {
+                return Err(Malformed);
+            }
+        }
+    }
+
+    /// Validates the value at `i` (`c` is its first byte) inside `depth` enclosing arrays and
+    /// objects; returns the index after it. Iterative: the kinds of the open containers are a bit
+    /// stack.
+    fn value(b: &[u8], mut i: usize, mut c: u8, depth: u32) -> Res<usize> {
+        let mut outer: u128 = 0; // kinds of the enclosing open containers (1: array), innermost in bit 0
+        let mut level: u32 = 0; // open containers in this value
+        let mut in_array = false; // the kind of the innermost one
+        'value: loop {
+            match c {
+                b'"' => {
+                    string(b, &mut i)?;
+                }
+                b'{' | b'[' => {
+                    if depth + level >= MAX_DEPTH {
+                        return Err(Malformed);
+                    }
+                    level += 1;
+                    outer = (outer << 1) | u128::from(in_array);
+                    in_array = c == b'[';
+                    i += 1;
+                    let next = ws(b, &mut i);
+                    // `}` and `]` are two above `{` and `[`.
+                    if next == c + 2 {
+                        i += 1;
+                        level -= 1;
+                        in_array = outer & 1 != 0;
+                        outer >>= 1;
                     } else {
-                        map.next_value::<IgnoredAny>()?;
+                        c = next;
+                        if !in_array {
+                            key(b, &mut i, c)?;
+                            c = ws(b, &mut i);
+                        }
+                        continue 'value;
                     }
                 }
-                Ok(TargetId(id))
+                b't' => i = literal(b, i, b"true")?,
+                b'f' => i = literal(b, i, b"false")?,
+                b'n' => i = literal(b, i, b"null")?,
+                b'-' | b'0'..=b'9' => i = number(b, i)?,
+                _ => return Err(Malformed),
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(TargetId(None))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(TargetId(None))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(TargetId(None))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(TargetId(None))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(TargetId(None))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(TargetId(None))
-            }
-            fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(TargetId(None))
+            // After a complete value: close containers until one continues with a comma.
+            loop {
+                if level == 0 {
+                    return Ok(i);
+                }
+                c = ws(b, &mut i);
+                if c == b',' {
+                    i += 1;
+                    c = ws(b, &mut i);
+                    if !in_array {
+                        key(b, &mut i, c)?;
+                        c = ws(b, &mut i);
+                    }
+                    continue 'value;
+                }
+                if c != if in_array { b']' } else { b'}' } {
+                    return Err(Malformed);
+                }
+                i += 1;
+                level -= 1;
+                in_array = outer & 1 != 0;
+                outer >>= 1;
             }
         }
-        d.deserialize_any(V)
+    }
+
+    fn literal(b: &[u8], i: usize, word: &[u8]) -> Res<usize> {
+        if b.get(i..i + word.len()) == Some(word) {
+            Ok(i + word.len())
+        } else {
+            Err(Malformed)
+        }
+    }
+
+    fn number(b: &[u8], start: usize) -> Res<usize> {
+        let mut i = start;
+        let digit = |i: usize| peek(b, i).is_ascii_digit();
+        if peek(b, i) == b'-' {
+            i += 1;
+        }
+        match peek(b, i) {
+            b'0' => i += 1,
+            b'1'..=b'9' => {
+                i += 1;
+                while digit(i) {
+                    i += 1;
+                }
+            }
+            _ => return Err(Malformed),
+        }
+        let integer_len = i - start;
+        if peek(b, i) == b'.' {
+            i += 1;
+            if !digit(i) {
+                return Err(Malformed);
+            }
+            while digit(i) {
+                i += 1;
+            }
+        }
+        let mut exponent = false;
+        if matches!(peek(b, i), b'e' | b'E') {
+            exponent = true;
+            i += 1;
+            if matches!(peek(b, i), b'+' | b'-') {
+                i += 1;
+            }
+            if !digit(i) {
+                return Err(Malformed);
+            }
+            while digit(i) {
+                i += 1;
+            }
+        }
+        // Only an exponent or a very long integer part can exceed f64's range.
+        if (exponent || integer_len > 300) && !fits_f64(&b[start..i]) {
+            return Err(Malformed);
+        }
+        Ok(i)
+    }
+
+    /// The string whose opening quote is at `*i`; moves `*i` past its closing quote.
+    #[inline(always)]
+    fn string(b: &[u8], i: &mut usize) -> Res<Span> {
+        let start = *i + 1;
+        let mut j = start;
+        // The common case: no escape, no byte >= 0x80, and 16 readable bytes at each step.
+        while let Some(chunk) = b.get(j..j + 16) {
+            let chunk: &[u8; 16] = chunk.try_into().map_err(|_| Malformed)?;
+            let (special, high) = block(chunk);
+            if special == 0 {
+                if high != 0 {
+                    break;
+                }
+                j += 16;
+                continue;
+            }
+            let k = special.trailing_zeros() as usize;
+            if chunk[k & 15] != b'"' || high != 0 {
+                break;
+            }
+            *i = j + k + 1;
+            return Ok(Span {
+                start,
+                end: j + k,
+                escaped: false,
+            });
+        }
+        string_slow(b, i, start, j)
+    }
+
+    /// The rest of a string from `j` on, when it has escapes or bytes >= 0x80 or ends within 16
+    /// bytes of the end of the input (or a byte >= 0x80 follows it closely).
+    #[inline(never)]
+    fn string_slow(b: &[u8], i: &mut usize, start: usize, mut j: usize) -> Res<Span> {
+        let mut escaped = false;
+        let mut high = 0u32; // non-zero once a byte >= 0x80 was seen in the string
+        loop {
+            let (special, high_bits, avail) = match b.get(j..j + 16) {
+                Some(chunk) => {
+                    let (s, h) = block(chunk.try_into().map_err(|_| Malformed)?);
+                    (s, h, 16)
+                }
+                None => {
+                    // The last few bytes, padded with zeros, which count as control characters.
+                    let mut pad = [0u8; 16];
+                    let rest = b.get(j..).unwrap_or_default();
+                    pad[..rest.len()].copy_from_slice(rest);
+                    let (s, h) = block(&pad);
+                    (s, h, rest.len())
+                }
+            };
+            if special == 0 {
+                high |= high_bits;
+                j += 16;
+                continue;
+            }
+            let k = special.trailing_zeros() as usize;
+            high |= high_bits & ((1u32 << k) - 1);
+            if k >= avail {
+                return Err(Malformed); // unterminated
+            }
+            j += k;
+            match b[j] {
+                b'"' => {
+                    if high != 0 && std::str::from_utf8(&b[start..j]).is_err() {
+                        return Err(Malformed);
+                    }
+                    *i = j + 1;
+                    return Ok(Span {
+                        start,
+                        end: j,
+                        escaped,
+                    });
+                }
+                b'\\' => {
+                    j = escape(b, j)?;
+                    escaped = true;
+                }
+                _ => return Err(Malformed), // a raw control character
+            }
+        }
+    }
+
+    /// Checks the escape at `b[i]` (a backslash); returns the index after it. `\u` escapes must
+    /// not leave a UTF-16 surrogate unpaired.
+    fn escape(b: &[u8], i: usize) -> Res<usize> {
+        match b.get(i + 1) {
+            Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Ok(i + 2),
+            Some(b'u') => {
+                let n = hex4(b, i + 2)?;
+                match n {
+                    0xDC00..=0xDFFF => Err(Malformed),
+                    0xD800..=0xDBFF => {
+                        if b.get(i + 6..i + 8) != Some(b"\\u") {
+                            return Err(Malformed);
+                        }
+                        match hex4(b, i + 8)? {
+                            0xDC00..=0xDFFF => Ok(i + 12),
+                            _ => Err(Malformed),
+                        }
+                    }
+                    _ => Ok(i + 6),
+                }
+            }
+            _ => Err(Malformed),
+        }
+    }
+
+    fn hex4(b: &[u8], i: usize) -> Res<u16> {
+        let digits = b.get(i..i + 4).ok_or(Malformed)?;
+        let mut n = 0u16;
+        for &d in digits {
+            let v = (d as char).to_digit(16).ok_or(Malformed)?;
+            n = n * 16 + v as u16;
+        }
+        Ok(n)
+    }
+
+    /// Bit masks over 16 bytes: which are `"`, `\` or below 0x20, and which are 0x80 or above.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn block(chunk: &[u8; 16]) -> (u32, u32) {
+        use std::arch::x86_64::*;
+        // SAFETY: SSE2 is part of the x86_64 baseline, and the load reads the 16 bytes of `chunk`.
+        unsafe {
+            let v = _mm_loadu_si128(chunk.as_ptr().cast());
+            let quote = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
+            let backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
+            let below_32 =
+                _mm_cmpeq_epi8(_mm_max_epu8(v, _mm_set1_epi8(0x1f)), _mm_set1_epi8(0x1f));
+            let special = _mm_or_si128(_mm_or_si128(quote, backslash), below_32);
+            (
+                _mm_movemask_epi8(special) as u32,
+                _mm_movemask_epi8(v) as u32,
+            )
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    #[inline(always)]
+    fn block(chunk: &[u8; 16]) -> (u32, u32) {
+        block_portable(chunk)
+    }
+
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+    pub(super) fn block_portable(chunk: &[u8; 16]) -> (u32, u32) {
+        let (mut special, mut high) = (0u32, 0u32);
+        for (k, &c) in chunk.iter().enumerate() {
+            if c == b'"' || c == b'\\' || c < 0x20 {
+                special |= 1 << k;
+            }
+            if c >= 0x80 {
+                high |= 1 << k;
+            }
+        }
+        (special, high)
+    }
+
+    #[cfg(test)]
+    pub(super) fn block_for_test(chunk: &[u8; 16]) -> (u32, u32) {
+        block(chunk)
+    }
+
+    /// Whether serde_json (without its `float_roundtrip` feature) reads this number, which has
+    /// valid syntax, as a finite value: it keeps a `u64` significand and a decimal exponent and
+    /// fails with "number out of range" when they make an infinite `f64`. Mirrors its arithmetic.
+    #[cold]
+    #[inline(never)]
+    fn fits_f64(n: &[u8]) -> bool {
+        let digit = |k: usize| {
+            n.get(k)
+                .filter(|c| c.is_ascii_digit())
+                .map(|c| (c - b'0') as u64)
+        };
+        let overflows =
+            |sig: u64, d: u64| sig >= u64::MAX / 10 && (sig > u64::MAX / 10 || d > u64::MAX % 10);
+        let mut k = usize::from(n.first() == Some(&b'-'));
+        let mut sig = 0u64;
+        let mut exp = 0i32;
+        // Integer part: digits beyond u64 are dropped, each one adding to the exponent.
+        if n.get(k) == Some(&b'0') {
+            k += 1;
+        } else {
+            let mut long = false;
+            while let Some(d) = digit(k) {
+                if long || overflows(sig, d) {
+                    long = true;
+                    exp += 1;
+                } else {
+                    sig = sig * 10 + d;
+                }
+                k += 1;
+            }
+        }
+        let mut float = false;
+        if n.get(k) == Some(&b'.') {
+            float = true;
+            k += 1;
+            let mut dropped = false;
+            while let Some(d) = digit(k) {
+                if !dropped && overflows(sig, d) {
+                    dropped = true;
+                }
+                if !dropped {
+                    sig = sig * 10 + d;
+                    exp -= 1;
+                }
+                k += 1;
+            }
+        }
+        if matches!(n.get(k), Some(b'e' | b'E')) {
+            k += 1;
+            let positive = match n.get(k) {
+                Some(b'-') => {
+                    k += 1;
+                    false
+                }
+                Some(b'+') => {
+                    k += 1;
+                    true
+                }
+                _ => true,
+            };
+            let mut e = 0i32;
+            while let Some(d) = digit(k) {
+                let d = d as i32;
+                if e >= i32::MAX / 10 && (e > i32::MAX / 10 || d > i32::MAX % 10) {
+                    // Exponent overflow: zero or tiny values are fine, huge ones are not.
+                    return sig == 0 || !positive;
+                }
+                e = e * 10 + d;
+                k += 1;
+            }
+            exp = if positive {
+                exp.saturating_add(e)
+            } else {
+                exp.saturating_sub(e)
+            };
+        } else if !float && exp == 0 {
+            return true; // an integer that fits u64/i64
+        }
+        // serde_json's f64_from_parts: only a non-negative exponent can overflow.
+        let f = sig as f64;
+        if exp < 0 {
+            return true;
+        }
+        match pow10(exp.unsigned_abs()) {
+            Some(pow) => (f * pow).is_finite(),
+            None => f == 0.0,
+        }
+    }
+
+    /// 10^n for n <= 308 (correctly rounded, like serde_json's table of literals).
+    fn pow10(n: u32) -> Option<f64> {
+        (n <= 308).then(|| format!("1e{n}").parse().unwrap_or(f64::INFINITY))
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -735,5 +1158,580 @@ mod tests {
         assert_ne!(EventDigest::of_value(&a), EventDigest::of_value(&c));
         let d = EventDigest::of_value(&a);
         assert_eq!(EventDigest::from_hex(&d.hex()), Some(d));
+    }
+
+    // ---- skim: the scanner against serde_json ----
+
+    /// What serde_json makes of a record, in skim's terms.
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        NotJson,
+        NotAnObject,
+        Object {
+            action: ActionField<'static>,
+            target_id: Option<String>,
+            event_time: Option<String>,
+            correlation_id: Option<String>,
+        },
+    }
+
+    fn by_serde_json(line: &[u8]) -> Seen {
+        let Ok(v) = serde_json::from_slice::<Value>(line) else {
+            return Seen::NotJson;
+        };
+        let Value::Object(m) = v else {
+            return Seen::NotAnObject;
+        };
+        let s = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_owned);
+        Seen::Object {
+            action: match m.get("action") {
+                None => ActionField::Missing,
+                Some(Value::String(a)) => ActionField::Str(Cow::Owned(a.clone())),
+                Some(_) => ActionField::NotAString,
+            },
+            target_id: m
+                .get("target")
+                .and_then(Value::as_object)
+                .and_then(|t| t.get("id"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            event_time: s("eventTime"),
+            correlation_id: s("correlationId"),
+        }
+    }
+
+    fn by_skim(line: &[u8]) -> Seen {
+        match skim(line) {
+            Err(InvalidReason::NotJson(_)) => Seen::NotJson,
+            Err(InvalidReason::NotAnObject) => Seen::NotAnObject,
+            Err(other) => panic!("skim returned {other:?}"),
+            Ok(s) => Seen::Object {
+                action: match s.action {
+                    ActionField::Str(a) => ActionField::Str(Cow::Owned(a.into_owned())),
+                    ActionField::NotAString => ActionField::NotAString,
+                    ActionField::Missing => ActionField::Missing,
+                },
+                target_id: s.target_id.map(Cow::into_owned),
+                event_time: s.event_time.map(Cow::into_owned),
+                correlation_id: s.correlation_id.map(Cow::into_owned),
+            },
+        }
+    }
+
+    #[track_caller]
+    fn agrees(line: &[u8]) -> Seen {
+        let want = by_serde_json(line);
+        assert_eq!(
+            by_skim(line),
+            want,
+            "on {:?}",
+            String::from_utf8_lossy(line)
+        );
+        want
+    }
+
+    fn obj(action: &str) -> Seen {
+        Seen::Object {
+            action: ActionField::Str(Cow::Owned(action.into())),
+            target_id: None,
+            event_time: None,
+            correlation_id: None,
+        }
+    }
+
+    #[test]
+    fn skim_escapes_in_keys_and_values() {
+        assert_eq!(
+            agrees(br#"{"\u0061ction":"a\u00e9\n\/\\"}"#),
+            obj("a\u{e9}\n/\\")
+        );
+        assert_eq!(
+            agrees(br#"{"act\u0069on":"x","action\u0000":"y"}"#),
+            obj("x")
+        );
+        assert_eq!(agrees(br#"{"action":"\ud83d\ude00"}"#), obj("\u{1F600}"));
+        let s = skim(br#"{"action":"plain","target":{"\u0069d":"t\"1"}}"#).unwrap();
+        assert!(matches!(s.action, ActionField::Str(Cow::Borrowed("plain"))));
+        assert_eq!(s.target_id.as_deref(), Some("t\"1"));
+        for bad in [
+            &br#"{"action":"\x"}"#[..],
+            br#"{"action":"\u12"}"#,
+            br#"{"action":"\u12g4"}"#,
+            br#"{"a\":1}"#,
+        ] {
+            assert_eq!(agrees(bad), Seen::NotJson);
+        }
+        // Unpaired UTF-16 surrogates are invalid in strings, wherever they are.
+        for bad in [
+            &br#"{"action":"\ud800"}"#[..],
+            br#"{"x":{"y":"\udc00"}}"#,
+            br#"{"x":["\ud800\u0041"]}"#,
+            br#"{"x":"\ud800\n"}"#,
+        ] {
+            assert_eq!(agrees(bad), Seen::NotJson);
+        }
+        assert_eq!(
+            agrees(br#"{"x":["\udbff\udfff"]}"#),
+            Seen::Object {
+                action: ActionField::Missing,
+                target_id: None,
+                event_time: None,
+                correlation_id: None
+            }
+        );
+    }
+
+    #[test]
+    fn skim_takes_only_top_level_fields() {
+        let line = br#"{"requestData":{"action":"nested","target":{"id":"no"},"eventTime":"no"},"responseData":[{"action":"n2"}],"action":"kms.secrets.rotate","initiator":{"id":"not-the-target"}}"#;
+        assert_eq!(agrees(line), obj("kms.secrets.rotate"));
+        // Duplicates: the last one wins, whatever its type.
+        let s = skim(br#"{"action":"a","target":{"id":"1"},"action":"b","target":{"name":"x"}}"#)
+            .unwrap();
+        assert_eq!(s.action, ActionField::Str(Cow::Borrowed("b")));
+        assert_eq!(s.target_id, None);
+        assert_eq!(
+            skim(br#"{"action":"a","action":null}"#).unwrap().action,
+            ActionField::NotAString
+        );
+        assert_eq!(
+            skim(br#"{"target":{"id":"1","id":2}}"#).unwrap().target_id,
+            None
+        );
+        assert_eq!(
+            skim(br#"{"target":{"id":2,"id":"1"}}"#)
+                .unwrap()
+                .target_id
+                .as_deref(),
+            Some("1")
+        );
+        // `target` that is not an object, or whose `id` is not a string.
+        for line in [
+            &br#"{"target":"crn:x"}"#[..],
+            br#"{"target":["id","x"]}"#,
+            br#"{"target":null}"#,
+            br#"{"target":{"id":{"id":"x"}}}"#,
+            br#"{"target":{"x":{"id":"y"}}}"#,
+        ] {
+            assert_eq!(
+                skim(line).unwrap().target_id,
+                None,
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+            agrees(line);
+        }
+        assert_eq!(
+            skim(br#"{"eventTime":5,"correlationId":["c"]}"#)
+                .unwrap()
+                .event_time,
+            None
+        );
+    }
+
+    #[test]
+    fn skim_numbers() {
+        for good in [
+            "0",
+            "-0",
+            "-1.5e+10",
+            "1E5",
+            "1e-400",
+            "0.000e99999999999",
+            "123456789012345678901234567890",
+            "1.7976931348623157e308",
+            "-1e308",
+            "1e-99999999999999",
+        ] {
+            assert!(
+                skim(format!(r#"{{"n":{good}}}"#).as_bytes()).is_ok(),
+                "{good}"
+            );
+            agrees(format!(r#"{{"n":[{good}]}}"#).as_bytes());
+        }
+        for bad in [
+            "1.",
+            "01",
+            "-01",
+            "+1",
+            ".5",
+            "-",
+            "1e",
+            "1e+",
+            "1.e5",
+            "0x10",
+            "1e400",
+            "-2e308",
+            "1e99999999999",
+            "Infinity",
+            "NaN",
+            "1 2",
+            "--1",
+        ] {
+            assert_eq!(
+                agrees(format!(r#"{{"n":{bad}}}"#).as_bytes()),
+                Seen::NotJson,
+                "{bad}"
+            );
+            assert_eq!(
+                agrees(format!(r#"[{bad}]"#).as_bytes()),
+                Seen::NotJson,
+                "{bad}"
+            );
+        }
+        let long = format!("1{}", "0".repeat(400));
+        assert_eq!(
+            agrees(format!(r#"{{"n":{long}}}"#).as_bytes()),
+            Seen::NotJson
+        );
+        assert_eq!(
+            agrees(format!(r#"{{"n":0.{long}}}"#).as_bytes()),
+            obj_missing()
+        );
+        assert_eq!(agrees(br#"5"#), Seen::NotAnObject);
+        assert_eq!(agrees(br#" -5.5e-3 "#), Seen::NotAnObject);
+    }
+
+    fn obj_missing() -> Seen {
+        Seen::Object {
+            action: ActionField::Missing,
+            target_id: None,
+            event_time: None,
+            correlation_id: None,
+        }
+    }
+
+    #[test]
+    fn skim_structure_and_literals() {
+        for good in [
+            &b"{}"[..],
+            b" \t\r\n{ } \n",
+            br#"{"a":[],"b":{},"c":[[]],"d":[{}],"e":[1,"x",true,false,null,{"f":[]}]}"#,
+        ] {
+            assert_eq!(agrees(good), obj_missing());
+        }
+        for bad in [
+            &b""[..],
+            b" ",
+            b"{",
+            b"}",
+            b"{]",
+            b"[}",
+            b"{,}",
+            b"{\"a\"}",
+            b"{\"a\":}",
+            b"{\"a\":1,}",
+            b"{\"a\":1 \"b\":2}",
+            b"[1,]",
+            b"[,1]",
+            b"{\"a\":tru}",
+            b"{\"a\":truex}",
+            b"{\"a\":nul}",
+            b"{\"a\":True}",
+            b"{\"a\"::1}",
+            b"{\"a\" 1}",
+            b"{1:2}",
+            b"{\"a\":1}}",
+            b"{\"a\":1}{}",
+            b"{\"a\":1}x",
+            b"{\"a\":\"x\"\"y\"}",
+            b"{\"a\":1}\x00",
+            b"\x0c{}",
+            b"{\x0b}",
+            b"{\"a\":[1 2]}",
+        ] {
+            assert_eq!(
+                agrees(bad),
+                Seen::NotJson,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(agrees(b"\"str\""), Seen::NotAnObject);
+        assert_eq!(agrees(b"null"), Seen::NotAnObject);
+        assert_eq!(agrees(b"[{}]"), Seen::NotAnObject);
+    }
+
+    #[test]
+    fn skim_strings() {
+        // Unterminated, also near and across the 16- and 64-byte steps of the scanner.
+        for n in 0..140 {
+            let body = "x".repeat(n);
+            assert_eq!(
+                agrees(format!(r#"{{"action":"{body}"#).as_bytes()),
+                Seen::NotJson
+            );
+            assert_eq!(
+                agrees(format!(r#"{{"action":"{body}"}}"#).as_bytes()),
+                obj(&body)
+            );
+            assert_eq!(
+                agrees(format!(r#"{{"action":"{body}\""#).as_bytes()),
+                Seen::NotJson
+            );
+            let escaped = format!(r#"{{"a":"{body}\\\"\\","action":"{body}\\"}}"#);
+            assert_eq!(agrees(escaped.as_bytes()), obj(&format!("{body}\\")));
+        }
+        // Raw control characters are invalid inside strings; DEL is fine.
+        for c in (0u8..0x20).chain([0x7f]) {
+            let line = [&br#"{"action":"a"#[..], &[c], br#"b"}"#].concat();
+            assert_eq!(
+                agrees(&line),
+                if c == 0x7f {
+                    obj("a\u{7f}b")
+                } else {
+                    Seen::NotJson
+                }
+            );
+        }
+        // UTF-8: valid multi-byte text is kept; invalid bytes anywhere make the record invalid.
+        assert_eq!(
+            agrees("{\"action\":\"d\u{e9}j\u{e0} \u{1F600} \u{4e2d}\"}".as_bytes()),
+            obj("d\u{e9}j\u{e0} \u{1F600} \u{4e2d}")
+        );
+        for bad in [
+            &b"\xff"[..],
+            b"\xc3",
+            b"\xc3\x28",
+            b"\xe2\x82",
+            b"\xed\xa0\x80",
+            b"\xf4\x90\x80\x80",
+            b"\xc0\xaf",
+            b"\x80",
+        ] {
+            for line in [
+                [&br#"{"action":""#[..], bad, br#""}"#].concat(),
+                [
+                    &br#"{"x":{"y":["#[..],
+                    b"\"",
+                    bad,
+                    br#"xxxxxxxxxxxxxxxxxxxx"]}}"#,
+                ]
+                .concat(),
+                [&br#"{"x":1}"#[..], bad].concat(),
+                [&br#"{"x":"#[..], bad, b"}"].concat(),
+            ] {
+                assert_eq!(agrees(&line), Seen::NotJson, "{:?}", line);
+            }
+        }
+        // A byte-order mark is not white space to serde_json.
+        assert_eq!(agrees(b"\xef\xbb\xbf{}"), Seen::NotJson);
+    }
+
+    #[test]
+    fn skim_depth_limit_is_serde_jsons() {
+        for depth in [126, 127, 128, 129, 200] {
+            let arrays = format!(
+                r#"{{"x":{}{}}}"#,
+                "[".repeat(depth - 1),
+                "]".repeat(depth - 1)
+            );
+            let objects = format!("{}1{}", r#"{"a":"#.repeat(depth), "}".repeat(depth));
+            let top_arrays = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+            let target = format!(
+                r#"{{"target":{{"id":"i","x":{}{}}}}}"#,
+                "[".repeat(depth - 2),
+                "]".repeat(depth - 2)
+            );
+            for line in [arrays, objects, top_arrays, target] {
+                let seen = agrees(line.as_bytes());
+                assert_eq!(seen == Seen::NotJson, depth > 127, "depth {depth}: {line}");
+            }
+        }
+    }
+
+    #[test]
+    fn skim_block_masks_match_the_portable_version() {
+        let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        for _ in 0..20_000 {
+            let mut chunk = [0u8; 16];
+            for c in chunk.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *c = [b'"', b'\\', 0, 0x1f, 0x20, 0x7f, 0x80, 0xff, b'a'][(x % 9) as usize]
+                    .wrapping_add(((x >> 8) % 2) as u8);
+            }
+            assert_eq!(
+                scan::block_for_test(&chunk),
+                scan::block_portable(&chunk),
+                "{chunk:?}"
+            );
+        }
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Keys that matter to skim, in plain and escaped spellings, and some that do not.
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just(r#""action""#.to_owned()),
+                Just(r#""target""#.to_owned()),
+                Just(r#""id""#.to_owned()),
+                Just(r#""eventTime""#.to_owned()),
+                Just(r#""correlationId""#.to_owned()),
+                Just(r#""\u0061ction""#.to_owned()),
+                Just(r#""t\u0061rget""#.to_owned()),
+                Just(r#""\u0069d""#.to_owned()),
+                Just(r#""requestData""#.to_owned()),
+                string(),
+            ]
+        }
+
+        /// JSON string literals with escapes, multi-byte text and lengths around the SIMD steps.
+        fn string() -> impl Strategy<Value = String> {
+            let piece = prop_oneof![
+                6 => "[a-z0-9 :/.-]{0,40}",
+                1 => Just("\\\"".to_owned()),
+                1 => Just("\\\\".to_owned()),
+                1 => Just("\\\\\\\\\\\\".to_owned()),
+                1 => Just("\\n\\t\\/\\b\\f\\r".to_owned()),
+                1 => Just("\\u00e9\\u0000\\uFFFF".to_owned()),
+                1 => Just("\\ud83d\\ude00".to_owned()),
+                1 => Just("\u{e9}\u{4e2d}\u{1F600}\u{7f}".to_owned()),
+                1 => "[a-z]{60,140}",
+            ];
+            proptest::collection::vec(piece, 0..5).prop_map(|p| format!("\"{}\"", p.concat()))
+        }
+
+        fn number() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(|f| format!("{f:e}")),
+                Just("-0.0e-0".to_owned()),
+                Just("123456789012345678901234567890.5e-3".to_owned()),
+                Just("1e308".to_owned()),
+                Just("1.8e308".to_owned()),
+                Just("1e-330".to_owned()),
+            ]
+        }
+
+        fn ws() -> impl Strategy<Value = &'static str> {
+            prop_oneof![8 => Just(""), 3 => Just(" "), 1 => Just("\n\t "), 1 => Just("\r\n")]
+        }
+
+        fn value() -> impl Strategy<Value = String> {
+            let leaf = prop_oneof![
+                string(),
+                number(),
+                Just("true".to_owned()),
+                Just("false".to_owned()),
+                Just("null".to_owned()),
+            ];
+            leaf.prop_recursive(5, 48, 6, |inner| {
+                prop_oneof![
+                    (proptest::collection::vec((ws(), inner.clone(), ws()), 0..6)).prop_map(
+                        |items| format!(
+                            "[{}]",
+                            items
+                                .iter()
+                                .map(|(a, v, b)| format!("{a}{v}{b}"))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        )
+                    ),
+                    (proptest::collection::vec((key(), ws(), inner, ws()), 0..6)).prop_map(
+                        |members| {
+                            format!(
+                                "{{{}}}",
+                                members
+                                    .iter()
+                                    .map(|(k, a, v, b)| format!("{k}{a}:{b}{v}"))
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            )
+                        }
+                    ),
+                ]
+            })
+        }
+
+        /// A record: a top-level object with the interesting keys, or any value.
+        fn record() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                4 => (proptest::collection::vec((ws(), key(), value()), 0..10), ws()).prop_map(|(members, end)| {
+                    format!("{{{}}}{end}", members.iter().map(|(w, k, v)| format!("{w}{k}:{v}")).collect::<Vec<_>>().join(",")).into_bytes()
+                }),
+                1 => value().prop_map(String::into_bytes),
+            ]
+        }
+
+        /// Small damage: bytes that matter to JSON dropped, replaced or inserted.
+        fn damaged() -> impl Strategy<Value = Vec<u8>> {
+            let special = prop_oneof![
+                Just(b'"'),
+                Just(b'\\'),
+                Just(b'{'),
+                Just(b'}'),
+                Just(b'['),
+                Just(b']'),
+                Just(b','),
+                Just(b':'),
+                Just(b'u'),
+                Just(b'0'),
+                Just(b'e'),
+                Just(b'-'),
+                Just(b'.'),
+                Just(b' '),
+                Just(0u8),
+                Just(0x1f),
+                Just(0x80),
+                Just(0xc3),
+                Just(0xed),
+                Just(0xff),
+                any::<u8>(),
+            ];
+            let edit = (any::<prop::sample::Index>(), 0..4u8, special);
+            (record(), proptest::collection::vec(edit, 1..4)).prop_map(|(mut line, edits)| {
+                for (at, kind, byte) in edits {
+                    if line.is_empty() {
+                        line.push(byte);
+                        continue;
+                    }
+                    let i = at.index(line.len());
+                    match kind {
+                        0 => {
+                            line.remove(i);
+                        }
+                        1 => line[i] = byte,
+                        2 => line.insert(i, byte),
+                        _ => line.truncate(i),
+                    }
+                }
+                line
+            })
+        }
+
+        proptest! {
+            // XorShift: the default ChaCha generator dominates the run time of unoptimized tests.
+            // PROPTEST_CASES=100000 for a longer search.
+            #![proptest_config(ProptestConfig {
+                cases: std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(1000),
+                rng_algorithm: proptest::test_runner::RngAlgorithm::XorShift,
+                ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn skim_agrees_with_serde_json_on_valid_records(line in record()) {
+                prop_assert_eq!(by_skim(&line), by_serde_json(&line), "on {:?}", String::from_utf8_lossy(&line));
+            }
+
+            #[test]
+            fn skim_agrees_with_serde_json_on_damaged_records(line in damaged()) {
+                prop_assert_eq!(by_skim(&line), by_serde_json(&line), "on {:?}", String::from_utf8_lossy(&line));
+            }
+
+            #[test]
+            fn skim_agrees_with_serde_json_on_random_bytes(line in proptest::collection::vec(
+                prop_oneof![Just(b'"'), Just(b'\\'), Just(b'{'), Just(b'}'), Just(b'['), Just(b']'), Just(b','), Just(b':'), Just(b'1'), Just(b'a'), Just(b' '), any::<u8>()],
+                0..200,
+            )) {
+                prop_assert_eq!(by_skim(&line), by_serde_json(&line));
+            }
+        }
     }
 }
