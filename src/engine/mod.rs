@@ -215,6 +215,7 @@ pub struct Engine {
     dirty: BTreeSet<(EntityKind, String)>,
     lower_buf: String,
     latest_event_time: Option<Millis>,
+    stats_dirty: bool,
 }
 
 impl Engine {
@@ -234,6 +235,7 @@ impl Engine {
             dirty: BTreeSet::new(),
             lower_buf: String::new(),
             latest_event_time: None,
+            stats_dirty: false,
         }
     }
 
@@ -258,6 +260,7 @@ impl Engine {
         for d in deployments {
             self.register_one(d);
         }
+        self.rebuild_indexes();
         self.check_shared_keys();
     }
 
@@ -293,7 +296,6 @@ impl Engine {
             }
         }
         self.dirty.insert((EntityKind::Deployment, crn));
-        self.rebuild_indexes();
     }
 
     /// Adds a known authorization policy from configuration.
@@ -386,7 +388,11 @@ impl Engine {
     /// Soft-deletes a deployment (API `DELETE`, or an `*.instance.delete` event). Returns false when
     /// the deployment is unknown.
     pub fn soft_delete(&mut self, crn: &str, at: Millis, cause: &str) -> bool {
-        let Some(dep) = self.lookup_deployment(crn) else {
+        // The deployment's own CRN, not one of its resources.
+        let Some(dep) = self
+            .lookup_deployment(crn)
+            .filter(|d| d.eq_ignore_ascii_case(crn.trim()))
+        else {
             return false;
         };
         self.soft_delete_known(&dep, at, cause, None, None);
@@ -504,7 +510,7 @@ impl Engine {
     /// Processes one raw record.
     pub fn ingest(&mut self, line: &[u8]) -> Disposition {
         self.stats.events += 1;
-        self.dirty.insert((EntityKind::Stats, "stats".into()));
+        self.stats_dirty = true;
         let disposition = self.classify_and_apply(line);
         match &disposition {
             Disposition::Applied => self.stats.applied += 1,
@@ -1263,6 +1269,9 @@ impl Engine {
 
     /// Entities changed since the last call, serialized for the store.
     pub fn take_changes(&mut self) -> Vec<Change> {
+        if std::mem::take(&mut self.stats_dirty) {
+            self.dirty.insert((EntityKind::Stats, "stats".into()));
+        }
         let dirty = std::mem::take(&mut self.dirty);
         dirty
             .into_iter()
@@ -1282,6 +1291,7 @@ impl Engine {
 
     /// Forgets pending changes without returning them (after a full reload, for example).
     pub fn clear_changes(&mut self) {
+        self.stats_dirty = false;
         self.dirty.clear();
     }
 

@@ -905,6 +905,14 @@ impl TestDatabase {
     async fn create() -> Option<TestDatabase> {
         let server = std::env::var("KEYWATCH_TEST_POSTGRES")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string());
+        // Accept the server with or without a database path (scripts/test passes `.../postgres`).
+        let server = match server.split_once("://") {
+            Some((scheme, rest)) => match rest.split_once('/') {
+                Some((host, _db)) => format!("{scheme}://{host}"),
+                None => server.clone(),
+            },
+            None => server.clone(),
+        };
         let admin_url = format!("{server}/postgres");
         let connected = tokio::time::timeout(
             Duration::from_secs(10),
