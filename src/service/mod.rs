@@ -151,6 +151,11 @@ pub async fn run(
     health.consuming.store(true, Ordering::SeqCst);
 
     let mut last_tick = Instant::now();
+    // One timer for the whole loop: a `sleep` inside `select!` restarts on every request or
+    // record, so a steady trickle of HTTP requests (< 5 s apart) would starve the deadline check.
+    let mut ticker =
+        tokio::time::interval_at(tokio::time::Instant::now() + TICK_INTERVAL, TICK_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -159,7 +164,7 @@ pub async fn run(
                 continue;
             }
             m = consumer.recv() => m,
-            _ = tokio::time::sleep(TICK_INTERVAL) => {
+            _ = ticker.tick() => {
                 p.tick_with_retry(&shutdown).await?;
                 last_tick = Instant::now();
                 continue;
