@@ -71,6 +71,14 @@ pub enum Command {
         config: Option<PathBuf>,
         key: String,
     },
+    /// Send a clearly marked test notification through each channel of the route(s) and report per channel.
+    TestAlert {
+        #[arg(long, env = "KEYWATCH_CONFIG")]
+        config: Option<PathBuf>,
+        /// Only this route (default: every route).
+        #[arg(long)]
+        route: Option<String>,
+    },
 }
 
 /// A failure with its exit code.
@@ -128,6 +136,9 @@ pub fn main_with_args(args: Vec<std::ffi::OsString>) -> i32 {
         Command::CheckConfig { config } => commands::check_config(config.as_deref()),
         Command::Explain { config, file } => commands::explain(config.as_deref(), &file),
         Command::BlastRadius { config, key } => commands::blast_radius(config.as_deref(), &key),
+        Command::TestAlert { config, route } => {
+            commands::test_alert(config.as_deref(), route.as_deref())
+        }
     };
     match result {
         Ok(()) => 0,

@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod commands;
 pub mod crn;
+pub mod delivery;
 pub mod engine;
 pub mod event;
 pub mod http;

@@ -45,8 +45,22 @@ pub fn run(config: Option<&Path>) -> Result<(), Failure> {
         let http_store = connect(&settings).await?;
         let state = crate::http::AppState::new(&settings, shared.clone(), handle, Some(http_store));
         let http = tokio::spawn(crate::http::serve(listener, state, token.clone()));
+        // Delivery: the worker drains the outbox beside the processing loop. It stops after the
+        // loop's last commit (its own token, cancelled below), so that commit is planned and
+        // what is due is flushed before the process exits.
+        let delivery_store = connect(&settings).await?;
+        let worker = crate::delivery::Worker::new(
+            &settings,
+            delivery_store,
+            crate::delivery::DeliveryMetrics::new(&shared.metrics),
+        )
+        .map_err(|e| Failure::invalid(format!("run: delivery: {e}")))?;
+        let delivery_token = CancellationToken::new();
+        let delivery = tokio::spawn(worker.run(delivery_token.clone()));
         let result = service::run(settings, token.clone(), shared, requests).await;
         token.cancel();
+        delivery_token.cancel();
+        let _ = delivery.await;
         let _ = http.await;
         result.map_err(|e| Failure::runtime(format!("run: {e:#}")))
     })

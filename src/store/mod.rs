@@ -6,8 +6,8 @@
 //! - `alerts`: the transactional outbox. A few indexed columns plus the full JSON document. Alert
 //!   ids are deterministic, so a replayed event cannot store an alert twice.
 //! - `kafka_offsets`: the next offset to read per consumer group, topic and partition.
-//! - `notifications`: delivery state, written by the delivery worker (the table exists so that the
-//!   schema is complete; this module has no API for it yet).
+//! - `notifications`: delivery state, written by the delivery worker (`notifications.rs`), and
+//!   `delivery_cursor`, the planner's position in the outbox.
 //!
 //! # Writers are serialized
 //! Every write goes through one [`StoreTx`]. On PostgreSQL, [`Store::begin`] takes the
@@ -67,6 +67,10 @@ macro_rules! on_tx {
 
 mod notifications;
 mod schema;
+// Delivery (src/delivery): the notification rows and the planner's transaction.
+pub use notifications::{
+    AttemptOutcome, Claim, FinishedAttempt, NewNotification, NotificationRow, PlanTx,
+};
 #[cfg(test)]
 mod tests;
 

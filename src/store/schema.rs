@@ -17,17 +17,33 @@ struct Migration {
     sql: &'static str,
 }
 
-const SQLITE: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("migrations/sqlite/0001_initial.sql"),
-}];
+const SQLITE: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("migrations/sqlite/0001_initial.sql"),
+    },
+    // Delivery: planner cursor, notification generations and frozen payloads.
+    Migration {
+        version: 2,
+        name: "delivery",
+        sql: include_str!("migrations/sqlite/0002_delivery.sql"),
+    },
+];
 
-const POSTGRES: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("migrations/postgres/0001_initial.sql"),
-}];
+const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("migrations/postgres/0001_initial.sql"),
+    },
+    // Delivery: planner cursor, notification generations and frozen payloads.
+    Migration {
+        version: 2,
+        name: "delivery",
+        sql: include_str!("migrations/postgres/0002_delivery.sql"),
+    },
+];
 
 const CREATE_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS keywatch_migrations (
     version    BIGINT PRIMARY KEY,
