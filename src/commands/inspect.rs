@@ -28,12 +28,18 @@ fn engine_for(config: Option<&Path>) -> Result<Engine, Failure> {
 
 fn persisted_engine(settings: &crate::settings::Settings) -> Option<Engine> {
     let url = &settings.store.url;
-    if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+    if let Some(path) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    {
         if !Path::new(path).exists() {
             return None;
         }
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
     rt.block_on(async {
         let connect = crate::store::Store::connect(url);
         let store = match tokio::time::timeout(std::time::Duration::from_secs(5), connect).await {
