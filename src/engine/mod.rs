@@ -304,13 +304,7 @@ impl Engine {
         let rec = self
             .policies
             .entry(id.clone())
-            .or_insert_with(|| PolicyRecord {
-                id: id.clone(),
-                spec: None,
-                created: None,
-                deleted: None,
-                from_config: true,
-            });
+            .or_insert_with(|| PolicyRecord::unknown(&id, true));
         if rec.spec.is_none() {
             rec.spec = Some(spec);
             rec.from_config = true;

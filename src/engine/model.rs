@@ -345,6 +345,19 @@ pub struct PolicyRecord {
     pub from_config: bool,
 }
 
+impl PolicyRecord {
+    /// A policy known only by its id so far (configuration fills the spec, events the stamps).
+    pub fn unknown(id: &str, from_config: bool) -> PolicyRecord {
+        PolicyRecord {
+            id: id.to_owned(),
+            spec: None,
+            created: None,
+            deleted: None,
+            from_config,
+        }
+    }
+}
+
 /// Counters of spec section 6 `stats`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {

@@ -130,13 +130,7 @@ impl Engine {
                     let rec = self
                         .policies
                         .entry(id.clone())
-                        .or_insert_with(|| PolicyRecord {
-                            id: id.clone(),
-                            spec: None,
-                            created: None,
-                            deleted: None,
-                            from_config: false,
-                        });
+                        .or_insert_with(|| PolicyRecord::unknown(&id, false));
                     let stamp = ev.stamp();
                     rec.deleted = Some(rec.deleted.map_or(stamp, |d| d.max(stamp)));
                     self.dirty.insert((EntityKind::Policy, id));
@@ -161,13 +155,7 @@ impl Engine {
         let rec = self
             .policies
             .entry(id.clone())
-            .or_insert_with(|| PolicyRecord {
-                id: id.clone(),
-                spec: None,
-                created: None,
-                deleted: None,
-                from_config: false,
-            });
+            .or_insert_with(|| PolicyRecord::unknown(&id, false));
         rec.spec = Some(spec.clone());
         rec.created = Some(rec.created.map_or(stamp, |c| c.min(stamp)));
         let deleted = rec.deleted;
