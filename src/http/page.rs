@@ -82,7 +82,7 @@ th,td{text-align:left;padding:.35rem .55rem;border-bottom:1px solid #e3e8ee;vert
 .pill{display:inline-block;padding:.05rem .5rem;border-radius:1rem;font-size:.8rem;font-weight:600}
 .ok{background:#dcf5e3;color:#13632f}.warn{background:#fff1c7;color:#7a5300}.bad{background:#fde0e0;color:#9b1c1c}.gone{background:#2b2b2b;color:#fff}.info{background:#e2ecfb;color:#1d4f91}
 .cards{display:flex;gap:.8rem;flex-wrap:wrap;margin:.8rem 0}.card{background:#fff;border:1px solid #e3e8ee;border-radius:.5rem;padding:.6rem .9rem;min-width:8rem}
-.card b{display:block;font-size:1.4rem}
+.card b{display:block;font-size:1.4rem} tr.group th{background:#f6f8fa;text-align:left;font-weight:600}
 </style></head><body>"#);
     let _ = write!(
         h,
@@ -132,7 +132,22 @@ th,td{text-align:left;padding:.35rem .55rem;border-bottom:1px solid #e3e8ee;vert
     h.push_str("<h2>Deployments by state</h2><table><tr><th>disk</th><th>deployment</th><th>rewrap</th><th>authorization</th><th>lifecycle</th><th>until</th></tr>");
     let mut sorted: Vec<&DeploymentView> = views.iter().collect();
     sorted.sort_by_key(|v| (std::cmp::Reverse(severity_rank(v)), v.name.clone()));
+    // Grouped by disk and rewrap state, worst group first, each under a heading row.
+    let mut group: Option<(Disk, Rewrap)> = None;
     for v in sorted {
+        if group != Some((v.disk, v.rewrap)) {
+            group = Some((v.disk, v.rewrap));
+            let n = views
+                .iter()
+                .filter(|w| w.disk == v.disk && w.rewrap == v.rewrap)
+                .count();
+            let _ = write!(
+                h,
+                "<tr class=\"group\"><th colspan=\"6\">{} &middot; rewrap {} &middot; {n}</th></tr>",
+                pill(v.disk.as_str()),
+                pill(v.rewrap.as_str())
+            );
+        }
         let until = v
             .restorable_until
             .map(|t| format!("restorable until {t}"))
@@ -147,7 +162,7 @@ th,td{text-align:left;padding:.35rem .55rem;border-bottom:1px solid #e3e8ee;vert
             escape(&v.crn),
             pill(v.rewrap.as_str()),
             pill(v.authorization.as_str()),
-            escape(&v.lifecycle),
+            pill(&v.lifecycle),
             escape(&until)
         );
     }
@@ -200,19 +215,26 @@ th,td{text-align:left;padding:.35rem .55rem;border-bottom:1px solid #e3e8ee;vert
 }
 
 fn severity_rank(v: &DeploymentView) -> u8 {
-    match (v.disk, v.rewrap) {
-        (Disk::Purged, _) | (Disk::Shredded, _) => 4,
-        (Disk::Locked, _) => 3,
-        (_, Rewrap::Failed) | (_, Rewrap::Overdue) => 2,
-        (_, Rewrap::Pending) => 1,
-        _ => 0,
-    }
+    let disk = match v.disk {
+        Disk::Purged => 40,
+        Disk::Shredded => 30,
+        Disk::Locked => 20,
+        Disk::Unlocked => 0,
+    };
+    let rewrap = match v.rewrap {
+        Rewrap::Failed => 4,
+        Rewrap::Overdue => 3,
+        Rewrap::Pending => 2,
+        Rewrap::Current => 0,
+    };
+    disk + rewrap
 }
 
 fn pill(state: &str) -> String {
     let class = match state {
         "unlocked" | "current" | "ok" | "active" | "info" => "ok",
-        "locked" | "pending" | "overdue" | "warning" | "suspended" | "deactivated" => "warn",
+        "locked" | "pending" | "overdue" | "warning" | "suspended" | "deactivated"
+        | "soft_deleted" => "warn",
         "shredded" | "failed" | "revoked" | "critical" | "destroyed" => "bad",
         "purged" => "gone",
         _ => "info",
