@@ -254,6 +254,9 @@ async fn phase(name: &'static str, a: &Args, steady: bool) -> Phase {
     let bad_signatures = *arrivals.bad_signatures.lock().expect("lock");
     let duplicates = *arrivals.duplicates.lock().expect("lock");
     store.close().await;
+    if let Some(admin) = &a.store {
+        drop_postgres(admin, &url).await;
+    }
     Phase {
         name,
         latencies_ms,
@@ -276,6 +279,17 @@ async fn fresh_postgres(admin: &str) -> String {
         .expect("create database");
     url.set_path(&format!("/{name}"));
     url.to_string()
+}
+
+/// Drops the database `fresh_postgres` made for a phase.
+async fn drop_postgres(admin: &str, url: &str) {
+    use sqlx::Connection;
+    let name = url.rsplit('/').next().unwrap_or_default();
+    if let Ok(mut c) = sqlx::PgConnection::connect(admin).await {
+        let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut c)
+            .await;
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

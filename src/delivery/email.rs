@@ -20,15 +20,12 @@ pub struct EmailSender {
 }
 
 impl EmailSender {
-    /// `None` when `[smtp] host` is not set (then no route may have e-mail receivers).
+    /// `None` when `[smtp] host` or `from` is not set (the configuration allows that only when no
+    /// route has e-mail receivers).
     pub fn new(smtp: &SmtpSettings) -> Result<Option<EmailSender>, DeliveryError> {
-        let Some(host) = smtp.host.as_deref() else {
+        let (Some(host), Some(from_text)) = (smtp.host.as_deref(), smtp.from.as_deref()) else {
             return Ok(None);
         };
-        let from_text = smtp
-            .from
-            .as_deref()
-            .ok_or_else(|| DeliveryError::Config("smtp.from: required with smtp.host".into()))?;
         let from: Mailbox = from_text.parse().map_err(|e| {
             DeliveryError::Config(format!("smtp.from: invalid address {from_text:?}: {e}"))
         })?;

@@ -20,9 +20,25 @@
 //!    SMTP replies at once; anything else after `[delivery] max_age`).
 //!
 //! Deployment names, owners, labels and their state now come from the key and deployment entities
-//! of the store, loaded into an engine of this worker's own ([`state`]), refreshed from the
-//! entities written since the last look. Nothing here blocks the processing loop: planning holds
-//! only the planner cursor's lock, never the store's write lock.
+//! of the store, loaded into an engine of this worker's own (`state.rs`), refreshed from the
+//! entities written since the last look. Nothing here slows the processing loop down: attempts run
+//! in tasks of their own, and on PostgreSQL planning holds only the planner cursor's row lock,
+//! never the store's advisory write lock (on SQLite every write transaction is short and
+//! serialized by the database anyway).
+//!
+//! Choices where the spec is silent:
+//! - A webhook is named in the store and the API by its URL without the path (which may carry a
+//!   token) and a short hash of the whole URL: `https://hooks.example.com/... [1a2b3c4d]`. Secrets
+//!   are never stored; they are taken from the configuration at each attempt.
+//! - A notification whose route or webhook is no longer configured fails (permanently) with that
+//!   reason; e-mail addresses are taken as stored.
+//! - `owners` of a deployment without owners reaches nobody on that route: logged as a warning.
+//! - Alerts stored before this schema version existed are not delivered (the planner cursor starts
+//!   at the end of the outbox as it was then).
+//! - A redirect answer is a permanent failure (Standard Webhooks: do not follow redirects).
+//! - The e-mail `Message-ID` is `<notification id@keywatch>`, stable across retries.
+//! - On shutdown the worker plans what was committed, sends what is due at that moment within a
+//!   deadline, and leaves everything else pending for the next start.
 
 mod content;
 mod email;

@@ -83,7 +83,7 @@ pub async fn send_test_notifications(
                 Channel::Email => match &email {
                     Some(sender) => sender.send(&recipient, &id, &content.email()).await,
                     None => Attempt::Permanent(
-                        "e-mail is not configured (smtp.host is not set)".to_owned(),
+                        "e-mail is not configured (smtp.host and smtp.from)".to_owned(),
                     ),
                 },
             };

@@ -75,6 +75,9 @@ pub struct Worker {
     known_planned: i64,
 }
 
+/// Per finished attempt whether it was recorded, and the notifications claimed.
+type Recorded = (Vec<bool>, Vec<NotificationRow>);
+
 /// What attempts (running in tasks of their own) need.
 struct Shared {
     store: Store,
@@ -139,6 +142,16 @@ impl Worker {
     /// Plans every alert stored after the planner cursor (in transactions of at most 1000
     /// alerts). Safe to call at any time, from any number of instances.
     pub async fn plan(&mut self) -> Result<Planned, DeliveryError> {
+        Ok(self.plan_then(&[], None).await?.0)
+    }
+
+    /// [`plan`](Worker::plan); when it plans anything, its last transaction also records
+    /// `finished` and runs `claim` (one commit for all), and returns what that did.
+    async fn plan_then(
+        &mut self,
+        finished: &[FinishedAttempt],
+        claim: Option<&Claim>,
+    ) -> Result<(Planned, Option<Recorded>), DeliveryError> {
         let store = self.shared.store.clone();
         let mut total = Planned::default();
         loop {
@@ -146,7 +159,7 @@ impl Worker {
             // refresh after reading the bound sees them.
             let bound = store.max_alert_seq().await?;
             if bound <= self.known_planned {
-                return Ok(total);
+                return Ok((total, None));
             }
             let (refreshed, tx) = tokio::join!(self.cache.refresh(&store), store.begin_planning());
             let mut tx = tx?;
@@ -160,11 +173,16 @@ impl Worker {
             if alerts.is_empty() && tx.cursor() >= bound {
                 self.known_planned = tx.cursor();
                 tx.rollback().await?;
-                return Ok(total);
+                return Ok((total, None));
             }
             let groups = plan::group(&self.shared.routes, &alerts, &self.cache);
             let planned = plan::write(&mut tx, groups, OffsetDateTime::now_utc()).await?;
             tx.set_cursor(reached).await?;
+            let recorded = if complete && (!finished.is_empty() || claim.is_some()) {
+                Some(tx.record_and_claim(finished, claim).await?)
+            } else {
+                None
+            };
             tx.commit().await?;
             self.known_planned = reached;
             if planned.created + planned.extended > 0 {
@@ -178,6 +196,9 @@ impl Worker {
             total.alerts += alerts.len();
             total.created += planned.created;
             total.extended += planned.extended;
+            if recorded.is_some() {
+                return Ok((total, recorded));
+            }
         }
     }
 
@@ -241,33 +262,41 @@ impl Worker {
         cutoff: Option<OffsetDateTime>,
     ) -> Result<Instant, DeliveryError> {
         let mut wake = Instant::now() + self.options.poll_interval;
-        if cutoff.is_none() {
-            self.plan().await?;
-        }
         let free = self.options.max_in_flight.saturating_sub(tasks.len());
         let now = OffsetDateTime::now_utc();
         let due_at = cutoff.unwrap_or(now);
-        let next_due = match free {
-            0 => None, // a finishing attempt wakes the loop
-            _ => self.shared.store.next_notification_due().await?,
-        };
-        let claim_now = next_due.is_some_and(|due| due <= due_at);
-        if let Some(due) = next_due.filter(|due| *due > due_at) {
-            wake = wake.min(Instant::now() + Duration::try_from(due - now).unwrap_or_default());
-        }
-        if finished.is_empty() && !claim_now {
-            return Ok(wake);
-        }
-        let claim = claim_now.then(|| Claim {
+        let claim = (free > 0).then(|| Claim {
             due_at,
             lease_until: now + self.shared.lease,
             limit: free as i64,
         });
-        let (recorded, rows) = self
-            .shared
-            .store
-            .record_and_claim(finished, claim.as_ref())
-            .await?;
+        // Planning, recording and claiming in one transaction when there is something to plan
+        // (never while flushing: the flush planned once before it started).
+        let mut done_with = match cutoff {
+            None => self.plan_then(finished, claim.as_ref()).await?.1,
+            Some(_) => None,
+        };
+        if done_with.is_none() {
+            let next_due = match free {
+                0 => None, // a finishing attempt wakes the loop
+                _ => self.shared.store.next_notification_due().await?,
+            };
+            let claim_now = next_due.is_some_and(|due| due <= due_at);
+            if let Some(due) = next_due.filter(|due| *due > due_at) {
+                wake = wake.min(Instant::now() + Duration::try_from(due - now).unwrap_or_default());
+            }
+            if finished.is_empty() && !claim_now {
+                return Ok(wake);
+            }
+            let claim = claim.filter(|_| claim_now);
+            done_with = Some(
+                self.shared
+                    .store
+                    .record_and_claim(finished, claim.as_ref())
+                    .await?,
+            );
+        }
+        let (recorded, rows) = done_with.unwrap_or_default();
         for (a, ok) in finished.iter().zip(recorded) {
             if !ok {
                 tracing::warn!(notification = %a.id, attempt = a.attempt, "delivery: the notification was taken over after its lease ended; this attempt's outcome is not recorded");
@@ -368,7 +397,7 @@ impl Worker {
                 Target::Email(row.recipient.clone())
             }
             Some(Channel::Email) => {
-                Target::Unusable("e-mail is not configured (smtp.host is not set)".to_owned())
+                Target::Unusable("e-mail is not configured (smtp.host and smtp.from)".to_owned())
             }
             None => Target::Unusable(format!("unknown channel {:?}", row.channel)),
         }

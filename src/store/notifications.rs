@@ -212,12 +212,14 @@ impl Store {
                 (Tx::Sqlite(t), cursor)
             }
             Pool::Postgres(p) => {
-                let mut t = p.begin().await.map_err(query_error("begin planning"))?;
-                sqlx::query("SELECT set_config('lock_timeout', $1, true)")
-                    .bind(format!("{}ms", WRITE_LOCK_TIMEOUT.as_millis()))
-                    .execute(&mut *t)
+                // One round trip: BEGIN and the transaction's lock timeout.
+                let mut t = p
+                    .begin_with(format!(
+                        "BEGIN; SET LOCAL lock_timeout = '{}ms'",
+                        WRITE_LOCK_TIMEOUT.as_millis()
+                    ))
                     .await
-                    .map_err(query_error("set the lock timeout"))?;
+                    .map_err(query_error("begin planning"))?;
                 // After waiting for the lock, READ COMMITTED returns the newest committed row,
                 // and every later statement sees what the previous planner committed.
                 let cursor: i64 = sqlx::query_scalar(&format!("{SELECT_CURSOR} FOR UPDATE"))
@@ -280,135 +282,21 @@ impl Store {
         finished: &[FinishedAttempt],
         claim: Option<&Claim>,
     ) -> Result<(Vec<bool>, Vec<NotificationRow>), StoreError> {
-        let backend = self.backend();
-        let ts = backend.timestamp_cast();
-        let record_sql = format!(
-            "UPDATE notifications SET status = $1, next_attempt_at = $2{ts}, \
-             last_error = COALESCE($3, last_error), updated_at = $4{ts}, \
-             payload = COALESCE(payload, $5) \
-             WHERE id = $6 AND attempts = $7 AND status = 'pending'"
-        );
-        let mut encoded: Vec<Encoded<'_>> = Vec::with_capacity(finished.len());
-        for a in finished {
-            let (status, next, error) = match &a.outcome {
-                AttemptOutcome::Delivered => ("delivered", a.at, None),
-                AttemptOutcome::Retry { at, error } => ("pending", *at, Some(error.as_str())),
-                AttemptOutcome::Failed { error } => ("failed", a.at, Some(error.as_str())),
-            };
-            encoded.push((
-                status,
-                timestamp_text(next)?,
-                error,
-                timestamp_text(a.at)?,
-                a,
-            ));
-        }
-        let claim_sql = format!(
-            "UPDATE notifications SET attempts = attempts + 1, next_attempt_at = $1{ts}, \
-             updated_at = $2{ts} \
-             WHERE id IN (SELECT id FROM notifications WHERE status = 'pending' \
-             AND next_attempt_at <= $3{ts} ORDER BY next_attempt_at LIMIT $4{}) \
-             RETURNING {}",
-            match backend {
-                Backend::Sqlite => "",
-                Backend::Postgres => " FOR UPDATE SKIP LOCKED",
-            },
-            notification_columns(backend)
-        );
-        let claim = claim
-            .filter(|c| c.limit > 0)
-            .map(|c| -> Result<_, StoreError> {
-                Ok((
-                    timestamp_text(c.lease_until)?,
-                    timestamp_text(OffsetDateTime::now_utc())?,
-                    timestamp_text(c.due_at)?,
-                    c.limit,
-                ))
-            })
-            .transpose()?;
-        let mut recorded = Vec::with_capacity(finished.len());
-        let mut claimed: Vec<NotificationTuple> = Vec::new();
-        if encoded.is_empty() && claim.is_none() {
-            return Ok((recorded, Vec::new()));
+        if finished.is_empty() && claim.is_none_or(|c| c.limit <= 0) {
+            return Ok((Vec::new(), Vec::new()));
         }
         let begin = query_error("begin recording delivery attempts");
         let mut tx = match &self.pool {
             Pool::Sqlite(p) => Tx::Sqlite(p.begin_with("BEGIN IMMEDIATE").await.map_err(begin)?),
             Pool::Postgres(p) => Tx::Postgres(p.begin().await.map_err(begin)?),
         };
-        match &mut tx {
-            // One statement for the whole batch.
-            Tx::Postgres(c) if !encoded.is_empty() => {
-                let ids: Vec<&str> = encoded.iter().map(|e| e.4.id.as_str()).collect();
-                let attempts: Vec<i64> = encoded.iter().map(|e| e.4.attempt).collect();
-                let statuses: Vec<&str> = encoded.iter().map(|e| e.0).collect();
-                let nexts: Vec<&str> = encoded.iter().map(|e| e.1.as_str()).collect();
-                let errors: Vec<Option<&str>> = encoded.iter().map(|e| e.2).collect();
-                let ats: Vec<&str> = encoded.iter().map(|e| e.3.as_str()).collect();
-                let payloads: Vec<Option<&str>> =
-                    encoded.iter().map(|e| e.4.payload.as_deref()).collect();
-                let updated: Vec<String> = sqlx::query_scalar(
-                    "UPDATE notifications AS n SET status = r.status, \
-                     next_attempt_at = r.next::timestamptz, \
-                     last_error = COALESCE(r.error, n.last_error), updated_at = r.at::timestamptz, \
-                     payload = COALESCE(n.payload, r.payload) \
-                     FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], \
-                     $6::text[], $7::text[]) AS r (id, attempt, status, next, error, at, payload) \
-                     WHERE n.id = r.id AND n.attempts = r.attempt AND n.status = 'pending' \
-                     RETURNING n.id",
-                )
-                .bind(ids)
-                .bind(attempts)
-                .bind(statuses)
-                .bind(nexts)
-                .bind(errors)
-                .bind(ats)
-                .bind(payloads)
-                .fetch_all(&mut **c)
-                .await
-                .map_err(query_error("record delivery attempts"))?;
-                let updated: HashSet<String> = updated.into_iter().collect();
-                recorded.extend(encoded.iter().map(|e| updated.contains(&e.4.id)));
-            }
-            _ => {
-                for (status, next, error, at, a) in &encoded {
-                    let changed = on_tx!(&mut tx, |c| sqlx::query(&record_sql)
-                        .bind(*status)
-                        .bind(next.as_str())
-                        .bind(*error)
-                        .bind(at.as_str())
-                        .bind(a.payload.as_deref())
-                        .bind(a.id.as_str())
-                        .bind(a.attempt)
-                        .execute(&mut **c)
-                        .await
-                        .map(|r| r.rows_affected()))
-                    .map_err(query_error("record a delivery attempt"))?;
-                    recorded.push(changed > 0);
-                }
-            }
-        }
-        if let Some((lease_until, now, due_at, limit)) = &claim {
-            claimed = on_tx!(&mut tx, |c| sqlx::query_as(&claim_sql)
-                .bind(lease_until.as_str())
-                .bind(now.as_str())
-                .bind(due_at.as_str())
-                .bind(*limit)
-                .fetch_all(&mut **c)
-                .await)
-            .map_err(query_error("claim notifications"))?;
-        }
+        let result = record_and_claim_in(&mut tx, self.backend(), finished, claim).await?;
         match tx {
             Tx::Sqlite(t) => t.commit().await,
             Tx::Postgres(t) => t.commit().await,
         }
         .map_err(query_error("commit delivery attempts"))?;
-        let mut rows = claimed
-            .into_iter()
-            .map(notification_from_tuple)
-            .collect::<Result<Vec<_>, _>>()?;
-        rows.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-        Ok((recorded, rows))
+        Ok(result)
     }
 
     /// The earliest `next_attempt_at` of a pending notification (due, leased or waiting).
@@ -716,6 +604,16 @@ impl PlanTx<'_> {
         Ok(())
     }
 
+    /// [`Store::record_and_claim`] inside the planning transaction (one commit for both; the
+    /// claim sees the notifications planned so far).
+    pub async fn record_and_claim(
+        &mut self,
+        finished: &[FinishedAttempt],
+        claim: Option<&Claim>,
+    ) -> Result<(Vec<bool>, Vec<NotificationRow>), StoreError> {
+        record_and_claim_in(&mut self.tx, self.backend, finished, claim).await
+    }
+
     pub async fn commit(self) -> Result<(), StoreError> {
         match self.tx {
             Tx::Sqlite(t) => t.commit().await,
@@ -731,6 +629,130 @@ impl PlanTx<'_> {
         }
         .map_err(query_error("roll back planning"))
     }
+}
+
+/// The body of [`Store::record_and_claim`] and [`PlanTx::record_and_claim`], inside `tx`.
+async fn record_and_claim_in(
+    tx: &mut Tx,
+    backend: Backend,
+    finished: &[FinishedAttempt],
+    claim: Option<&Claim>,
+) -> Result<(Vec<bool>, Vec<NotificationRow>), StoreError> {
+    let ts = backend.timestamp_cast();
+    let record_sql = format!(
+        "UPDATE notifications SET status = $1, next_attempt_at = $2{ts}, \
+         last_error = COALESCE($3, last_error), updated_at = $4{ts}, \
+         payload = COALESCE(payload, $5) \
+         WHERE id = $6 AND attempts = $7 AND status = 'pending'"
+    );
+    let mut encoded: Vec<Encoded<'_>> = Vec::with_capacity(finished.len());
+    for a in finished {
+        let (status, next, error) = match &a.outcome {
+            AttemptOutcome::Delivered => ("delivered", a.at, None),
+            AttemptOutcome::Retry { at, error } => ("pending", *at, Some(error.as_str())),
+            AttemptOutcome::Failed { error } => ("failed", a.at, Some(error.as_str())),
+        };
+        encoded.push((
+            status,
+            timestamp_text(next)?,
+            error,
+            timestamp_text(a.at)?,
+            a,
+        ));
+    }
+    let claim_sql = format!(
+        "UPDATE notifications SET attempts = attempts + 1, next_attempt_at = $1{ts}, \
+         updated_at = $2{ts} \
+         WHERE id IN (SELECT id FROM notifications WHERE status = 'pending' \
+         AND next_attempt_at <= $3{ts} ORDER BY next_attempt_at LIMIT $4{}) \
+         RETURNING {}",
+        match backend {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+        },
+        notification_columns(backend)
+    );
+    let claim = claim
+        .filter(|c| c.limit > 0)
+        .map(|c| -> Result<_, StoreError> {
+            Ok((
+                timestamp_text(c.lease_until)?,
+                timestamp_text(OffsetDateTime::now_utc())?,
+                timestamp_text(c.due_at)?,
+                c.limit,
+            ))
+        })
+        .transpose()?;
+    let mut recorded = Vec::with_capacity(finished.len());
+    let mut claimed: Vec<NotificationTuple> = Vec::new();
+    match &mut *tx {
+        // One statement for the whole batch.
+        Tx::Postgres(c) if !encoded.is_empty() => {
+            let ids: Vec<&str> = encoded.iter().map(|e| e.4.id.as_str()).collect();
+            let attempts: Vec<i64> = encoded.iter().map(|e| e.4.attempt).collect();
+            let statuses: Vec<&str> = encoded.iter().map(|e| e.0).collect();
+            let nexts: Vec<&str> = encoded.iter().map(|e| e.1.as_str()).collect();
+            let errors: Vec<Option<&str>> = encoded.iter().map(|e| e.2).collect();
+            let ats: Vec<&str> = encoded.iter().map(|e| e.3.as_str()).collect();
+            let payloads: Vec<Option<&str>> =
+                encoded.iter().map(|e| e.4.payload.as_deref()).collect();
+            let updated: Vec<String> = sqlx::query_scalar(
+                "UPDATE notifications AS n SET status = r.status, \
+                 next_attempt_at = r.next::timestamptz, \
+                 last_error = COALESCE(r.error, n.last_error), updated_at = r.at::timestamptz, \
+                 payload = COALESCE(n.payload, r.payload) \
+                 FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], \
+                 $6::text[], $7::text[]) AS r (id, attempt, status, next, error, at, payload) \
+                 WHERE n.id = r.id AND n.attempts = r.attempt AND n.status = 'pending' \
+                 RETURNING n.id",
+            )
+            .bind(ids)
+            .bind(attempts)
+            .bind(statuses)
+            .bind(nexts)
+            .bind(errors)
+            .bind(ats)
+            .bind(payloads)
+            .fetch_all(&mut **c)
+            .await
+            .map_err(query_error("record delivery attempts"))?;
+            let updated: HashSet<String> = updated.into_iter().collect();
+            recorded.extend(encoded.iter().map(|e| updated.contains(&e.4.id)));
+        }
+        _ => {
+            for (status, next, error, at, a) in &encoded {
+                let changed = on_tx!(&mut *tx, |c| sqlx::query(&record_sql)
+                    .bind(*status)
+                    .bind(next.as_str())
+                    .bind(*error)
+                    .bind(at.as_str())
+                    .bind(a.payload.as_deref())
+                    .bind(a.id.as_str())
+                    .bind(a.attempt)
+                    .execute(&mut **c)
+                    .await
+                    .map(|r| r.rows_affected()))
+                .map_err(query_error("record a delivery attempt"))?;
+                recorded.push(changed > 0);
+            }
+        }
+    }
+    if let Some((lease_until, now, due_at, limit)) = &claim {
+        claimed = on_tx!(&mut *tx, |c| sqlx::query_as(&claim_sql)
+            .bind(lease_until.as_str())
+            .bind(now.as_str())
+            .bind(due_at.as_str())
+            .bind(*limit)
+            .fetch_all(&mut **c)
+            .await)
+        .map_err(query_error("claim notifications"))?;
+    }
+    let mut rows = claimed
+        .into_iter()
+        .map(notification_from_tuple)
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    Ok((recorded, rows))
 }
 
 /// status, next attempt (text), error, time (text), the attempt: [`Store::record_and_claim`].
