@@ -150,7 +150,7 @@ pub async fn run(
     tracing::info!(topic = %settings.kafka.topic, group = %settings.kafka.group_id, store = %p.store.url(), "consuming");
     health.consuming.store(true, Ordering::SeqCst);
 
-    let mut last_tick = Instant::now();
+    // Every batch evaluates deadlines in its own transaction; this timer covers quiet periods.
     // One timer for the whole loop: a `sleep` inside `select!` restarts on every request or
     // record, so a steady trickle of HTTP requests (< 5 s apart) would starve the deadline check.
     let mut ticker =
@@ -166,7 +166,6 @@ pub async fn run(
             m = consumer.recv() => m,
             _ = ticker.tick() => {
                 p.tick_with_retry(&shutdown).await?;
-                last_tick = Instant::now();
                 continue;
             }
         };
@@ -216,10 +215,6 @@ pub async fn run(
             if let Err(e) = stored {
                 tracing::debug!(error = %e, topic, partition, "offset not stored (partition revoked?)");
             }
-        }
-        if last_tick.elapsed() >= TICK_INTERVAL {
-            p.tick_with_retry(&shutdown).await?;
-            last_tick = Instant::now();
         }
     }
     tracing::info!("shutting down: evaluating deadlines and committing offsets");
