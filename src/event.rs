@@ -232,15 +232,28 @@ pub struct EventDigest(pub [u8; 16]);
 impl EventDigest {
     pub fn of_value(v: &Value) -> EventDigest {
         // serde_json's Map is ordered by key (no preserve_order feature), so this is canonical.
-        let bytes = serde_json::to_vec(v).unwrap_or_default();
-        let hash = Sha256::digest(&bytes);
+        // Serialized straight into the hash, without an intermediate buffer.
+        struct Hashing(Sha256);
+        impl std::io::Write for Hashing {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.update(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut h = Hashing(Sha256::new());
+        // Writing a Value into an infallible writer cannot fail.
+        let _ = serde_json::to_writer(&mut h, v);
+        let hash = h.0.finalize();
         let mut d = [0u8; 16];
         d.copy_from_slice(&hash[..16]);
         EventDigest(d)
     }
 
     pub fn hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        crate::hex::encode(&self.0)
     }
 
     pub fn from_hex(s: &str) -> Option<EventDigest> {
@@ -415,9 +428,16 @@ pub fn parse_full(line: &[u8], class: ActionClass) -> Result<Event, InvalidReaso
         id: str_at(&value, &["initiator", "id"]).map(str::to_owned),
         name: str_at(&value, &["initiator", "name"]).map(str::to_owned),
     };
-    let request = object_or_json_string(obj.get("requestData"));
-    let response = object_or_json_string(obj.get("responseData"));
     let digest = EventDigest::of_value(&value);
+    // The payloads are moved out of the parsed value rather than cloned.
+    let mut value = value;
+    let mut take = |name: &str| match value.as_object_mut().and_then(|o| o.remove(name)) {
+        Some(Value::String(s)) => serde_json::from_str(&s).unwrap_or(Value::Null),
+        Some(other) => other,
+        None => Value::Null,
+    };
+    let request = take("requestData");
+    let response = take("responseData");
     Ok(Event {
         class,
         action,

@@ -8,6 +8,7 @@ pub mod crn;
 pub mod delivery;
 pub mod engine;
 pub mod event;
+pub mod hex;
 pub mod http;
 pub mod metrics;
 pub mod service;

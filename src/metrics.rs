@@ -20,6 +20,7 @@ pub struct Metrics {
     pub outbox_pending: IntGauge,
     pub processing: Histogram,
     pub produce_to_commit: Histogram,
+    pub batch_records: Histogram,
     pub event_age: Gauge,
     pub consumer_lag: IntGaugeVec,
     pub build_info: IntGaugeVec,
@@ -121,6 +122,19 @@ impl Metrics {
         registry
             .register(Box::new(produce_to_commit.clone()))
             .expect("unique metric");
+        let batch_records = Histogram::with_opts(
+            HistogramOpts::new(
+                "keywatch_batch_records",
+                "Records per applied batch (one store transaction each; not in the spec).",
+            )
+            .buckets(vec![
+                1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(batch_records.clone()))
+            .expect("unique metric");
         let event_age = Gauge::new(
             "keywatch_event_age_seconds",
             "Now minus the eventTime of the last applied event.",
@@ -174,6 +188,7 @@ impl Metrics {
             outbox_pending,
             processing,
             produce_to_commit,
+            batch_records,
             event_age,
             consumer_lag,
             build_info,

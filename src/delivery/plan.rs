@@ -181,8 +181,5 @@ pub fn notification_id(key: &GroupKey, generation: i64) -> String {
     if generation > 0 {
         h.update(generation.to_string().as_bytes());
     }
-    h.finalize()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hex::encode(&h.finalize()[..16])
 }

@@ -59,7 +59,7 @@ pub fn recipients(route: &RouteSettings, owners: &[String]) -> Vec<(Channel, Str
 /// token) plus a short hash of the whole URL, e.g. `https://hooks.example.com/... [1a2b3c4d]`.
 pub fn webhook_recipient(hook: &WebhookSettings) -> String {
     let digest = Sha256::digest(hook.url.as_bytes());
-    let short: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    let short = crate::hex::encode(&digest[..4]);
     format!("{} [{short}]", hook.redacted_url())
 }
 

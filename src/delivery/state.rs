@@ -32,7 +32,11 @@ impl StateCache {
     /// every entity committed before the call.
     pub async fn refresh(&mut self, store: &Store) -> Result<(), StoreError> {
         let started = Instant::now();
-        let kinds = [EntityKind::Key.as_str(), EntityKind::Deployment.as_str()];
+        let kinds = [
+            EntityKind::Key.as_str(),
+            EntityKind::Deployment.as_str(),
+            EntityKind::Correlation.as_str(),
+        ];
         let (rows, seq) = store.entities_since(self.seq, &kinds).await?;
         if !rows.is_empty() {
             for row in rows {

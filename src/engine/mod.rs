@@ -45,6 +45,9 @@ pub enum EntityKind {
     Policy,
     Event,
     Stats,
+    /// A correlation id a deployment confirmed (one small row each, so that remembering one does
+    /// not rewrite the deployment's document).
+    Correlation,
 }
 
 impl EntityKind {
@@ -55,6 +58,7 @@ impl EntityKind {
             EntityKind::Policy => "policy",
             EntityKind::Event => "event",
             EntityKind::Stats => "stats",
+            EntityKind::Correlation => "correlation",
         }
     }
 
@@ -65,6 +69,7 @@ impl EntityKind {
             EntityKind::Policy,
             EntityKind::Event,
             EntityKind::Stats,
+            EntityKind::Correlation,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -76,7 +81,8 @@ impl EntityKind {
 pub struct Change {
     pub kind: EntityKind,
     pub id: String,
-    pub doc: serde_json::Value,
+    /// The JSON document, serialized straight from the record (no `Value` tree in between).
+    pub doc: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -198,6 +204,16 @@ pub fn validate_registry(
     Ok(out)
 }
 
+/// What the engine derives once per deployment from its registration (rebuilt with the indexes).
+#[derive(Debug, Clone)]
+struct DeploymentIndex {
+    key: Option<KeyCrn>,
+    /// The key entity id; empty when the key CRN does not parse (never for a validated deployment).
+    key_entity: String,
+    /// The deployment CRN's service name, lower case.
+    service: String,
+}
+
 /// The engine. See the module documentation.
 #[derive(Debug, Clone)]
 pub struct Engine {
@@ -211,6 +227,11 @@ pub struct Engine {
     keys_by_id: HashMap<String, Vec<String>>,
     deployments_by_key: HashMap<String, Vec<String>>,
     deployment_by_target: HashMap<String, String>,
+    /// Per deployment: its parsed key CRN, its key entity id and its service name, so that hot
+    /// paths (policy coverage, deadlines) do not parse CRNs again.
+    deployment_index: HashMap<String, DeploymentIndex>,
+    /// Loaded correlation rows whose deployment was not loaded yet.
+    pending_correlations: Vec<CorrelationDoc>,
     alerts: Vec<Alert>,
     dirty: BTreeSet<(EntityKind, String)>,
     lower_buf: String,
@@ -231,6 +252,8 @@ impl Engine {
             keys_by_id: HashMap::new(),
             deployments_by_key: HashMap::new(),
             deployment_by_target: HashMap::new(),
+            deployment_index: HashMap::new(),
+            pending_correlations: Vec::new(),
             alerts: Vec::new(),
             dirty: BTreeSet::new(),
             lower_buf: String::new(),
@@ -445,15 +468,27 @@ impl Engine {
         }
         self.deployments_by_key.clear();
         self.deployment_by_target.clear();
+        self.deployment_index.clear();
         for (crn, d) in &self.deployments {
-            if let Ok(kc) = KeyCrn::parse(&d.spec.key) {
-                if let Some(kid) = self.key_by_identity.get(&kc.identity()) {
-                    self.deployments_by_key
-                        .entry(kid.clone())
-                        .or_default()
-                        .push(crn.clone());
-                }
+            let key = KeyCrn::parse(&d.spec.key).ok();
+            let key_entity = key
+                .as_ref()
+                .and_then(|kc| self.key_by_identity.get(&kc.identity()))
+                .cloned();
+            if let Some(kid) = &key_entity {
+                self.deployments_by_key
+                    .entry(kid.clone())
+                    .or_default()
+                    .push(crn.clone());
             }
+            self.deployment_index.insert(
+                crn.clone(),
+                DeploymentIndex {
+                    key,
+                    key_entity: key_entity.unwrap_or_default(),
+                    service: Crn::parse(crn).map(|c| c.service).unwrap_or_default(),
+                },
+            );
             self.deployment_by_target
                 .insert(crn.to_ascii_lowercase(), crn.clone());
             for r in &d.spec.resources {
@@ -470,10 +505,9 @@ impl Engine {
     }
 
     fn key_of(&self, crn: &str) -> String {
-        self.deployments
+        self.deployment_index
             .get(crn)
-            .and_then(|d| KeyCrn::parse(&d.spec.key).ok())
-            .and_then(|k| self.key_by_identity.get(&k.identity()).cloned())
+            .map(|i| i.key_entity.clone())
             .unwrap_or_default()
     }
 
@@ -550,7 +584,22 @@ impl Engine {
                 else {
                     return Disposition::Ignored;
                 };
-                if skim.event_time.as_deref().and_then(Millis::parse).is_none() {
+                let Some(time) = skim.event_time.as_deref().and_then(Millis::parse) else {
+                    return Disposition::Ignored;
+                };
+                // Most such events confirm nothing: their correlation id is new for the deployment
+                // and belongs to no rotation of its key. They are only remembered (a rotation may
+                // arrive later), which needs no full parse.
+                let corr = skim.correlation_id.as_deref().unwrap_or_default();
+                if corr.is_empty() {
+                    return Disposition::Ignored;
+                }
+                if !self.deployments[&dep]
+                    .confirmed_correlations
+                    .contains_key(corr)
+                    && !self.is_rotation_correlation(&dep, corr)
+                {
+                    self.remember_correlation(&dep, corr, time);
                     return Disposition::Ignored;
                 }
                 let Ok(ev) = event::parse_full(line, class) else {
@@ -894,11 +943,11 @@ impl Engine {
                 let before = self.rewrap_of(&d);
                 let rec = self.deployments.get_mut(&d).expect("deployment");
                 rec.confirmed_at = Some(rec.confirmed_at.map_or(ev.time, |t| t.max(ev.time)));
-                if let Some(c) = &ev.correlation_id {
-                    remember_correlation(rec, c, ev.time);
-                }
                 if let Some(v) = ev.new_key_version() {
                     rec.key_version = Some(v.to_owned());
+                }
+                if let Some(c) = &ev.correlation_id {
+                    self.remember_correlation(&d, c, ev.time);
                 }
                 self.dirty.insert((EntityKind::Deployment, d.clone()));
                 let after = self.rewrap_of(&d);
@@ -959,11 +1008,11 @@ impl Engine {
             let rec = self.deployments.get_mut(&d).expect("deployment");
             let at = ev.time.max(latest_rotation.unwrap_or(ev.time));
             rec.confirmed_at = Some(rec.confirmed_at.map_or(at, |t| t.max(at)));
-            if let Some(c) = &ev.correlation_id {
-                remember_correlation(rec, c, ev.time);
-            }
             if version.is_some() {
                 rec.key_version = version.clone();
+            }
+            if let Some(c) = &ev.correlation_id {
+                self.remember_correlation(&d, c, ev.time);
             }
             self.dirty.insert((EntityKind::Deployment, d.clone()));
             self.note(
@@ -1048,24 +1097,41 @@ impl Engine {
         }
     }
 
+    /// Remembers a correlation id the deployment confirmed, persisted as its own small entity.
+    fn remember_correlation(&mut self, dep: &str, corr: &str, time: Millis) {
+        if let Some(rec) = self.deployments.get_mut(dep) {
+            remember_correlation(rec, corr, time);
+            self.dirty
+                .insert((EntityKind::Correlation, correlation_entity_id(dep, corr)));
+        }
+    }
+
+    /// Whether `corr` is the correlation id of a remembered rotation of the deployment's key.
+    fn is_rotation_correlation(&self, dep: &str, corr: &str) -> bool {
+        let Some(index) = self.deployment_index.get(dep) else {
+            return false;
+        };
+        self.keys.get(&index.key_entity).is_some_and(|k| {
+            k.rotations
+                .iter()
+                .any(|r| r.correlation_id.as_deref() == Some(corr))
+        })
+    }
+
     fn apply_follow_up(&mut self, dep: &str, ev: &Event) -> Disposition {
         let Some(corr) = ev.correlation_id.clone() else {
             return Disposition::Ignored;
         };
         let key = self.key_of(dep);
         let before = self.rewrap_of(dep);
-        let rec = self.deployments.get_mut(dep).expect("deployment");
-        if rec.confirmed_correlations.contains_key(&corr) {
+        if self.deployments[dep]
+            .confirmed_correlations
+            .contains_key(&corr)
+        {
             return Disposition::Ignored;
         }
-        remember_correlation(rec, &corr, ev.time);
-        self.dirty.insert((EntityKind::Deployment, dep.to_owned()));
-        let is_rotation = self.keys.get(&key).is_some_and(|k| {
-            k.rotations
-                .iter()
-                .any(|r| r.correlation_id.as_deref() == Some(corr.as_str()))
-        });
-        if !is_rotation {
+        self.remember_correlation(dep, &corr, ev.time);
+        if !self.is_rotation_correlation(dep, &corr) {
             return Disposition::Ignored;
         }
         let after = self.rewrap_of(dep);
@@ -1214,10 +1280,7 @@ impl Engine {
         h.update(kind.as_str().as_bytes());
         h.update(b"|");
         h.update(crn.as_bytes());
-        let id: String = h.finalize()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let id: String = crate::hex::encode(&h.finalize()[..16]);
         let has_time = when.is_some();
         let (event_time, correlation_id) = when.unwrap_or((Millis(0), None));
         Alert {
@@ -1256,6 +1319,11 @@ impl Engine {
         }
     }
 
+    /// Whether alerts are waiting for [`Engine::take_alerts`].
+    pub fn has_alerts(&self) -> bool {
+        !self.alerts.is_empty()
+    }
+
     /// Alerts raised since the last call, in the order they were raised.
     pub fn take_alerts(&mut self) -> Vec<Alert> {
         std::mem::take(&mut self.alerts)
@@ -1271,11 +1339,26 @@ impl Engine {
             .into_iter()
             .filter_map(|(kind, id)| {
                 let doc = match kind {
-                    EntityKind::Key => serde_json::to_value(self.keys.get(&id)?),
-                    EntityKind::Deployment => serde_json::to_value(self.deployments.get(&id)?),
-                    EntityKind::Policy => serde_json::to_value(self.policies.get(&id)?),
-                    EntityKind::Event => Ok(serde_json::json!({})),
-                    EntityKind::Stats => serde_json::to_value(self.stats),
+                    EntityKind::Key => serde_json::to_string(self.keys.get(&id)?),
+                    EntityKind::Deployment => serde_json::to_string(self.deployments.get(&id)?),
+                    EntityKind::Policy => serde_json::to_string(self.policies.get(&id)?),
+                    EntityKind::Event => Ok("{}".to_owned()),
+                    EntityKind::Stats => serde_json::to_string(&self.stats),
+                    EntityKind::Correlation => {
+                        let (deployment, correlation): (String, String) =
+                            serde_json::from_str(&id).ok()?;
+                        // Forgotten again since (memory full): nothing to keep.
+                        let time = *self
+                            .deployments
+                            .get(&deployment)?
+                            .confirmed_correlations
+                            .get(&correlation)?;
+                        serde_json::to_string(&CorrelationDoc {
+                            deployment,
+                            correlation,
+                            time,
+                        })
+                    }
                 }
                 .ok()?;
                 Some(Change { kind, id, doc })
@@ -1302,8 +1385,15 @@ impl Engine {
                     .insert(id.to_owned(), serde_json::from_value(doc)?);
             }
             EntityKind::Deployment => {
-                self.deployments
-                    .insert(id.to_owned(), serde_json::from_value(doc)?);
+                let mut rec: DeploymentRecord = serde_json::from_value(doc)?;
+                // Remembered correlations are rows of their own (older documents carried them):
+                // keep those already loaded.
+                if let Some(old) = self.deployments.remove(id) {
+                    for (c, t) in old.confirmed_correlations {
+                        remember_correlation(&mut rec, &c, t);
+                    }
+                }
+                self.deployments.insert(id.to_owned(), rec);
             }
             EntityKind::Policy => {
                 self.policies
@@ -1315,12 +1405,24 @@ impl Engine {
                 }
             }
             EntityKind::Stats => self.stats = serde_json::from_value(doc)?,
+            EntityKind::Correlation => {
+                let c: CorrelationDoc = serde_json::from_value(doc)?;
+                match self.deployments.get_mut(&c.deployment) {
+                    Some(rec) => remember_correlation(rec, &c.correlation, c.time),
+                    None => self.pending_correlations.push(c),
+                }
+            }
         }
         Ok(())
     }
 
     /// Call after a series of `load_entity`.
     pub fn finish_loading(&mut self) {
+        for c in std::mem::take(&mut self.pending_correlations) {
+            if let Some(rec) = self.deployments.get_mut(&c.deployment) {
+                remember_correlation(rec, &c.correlation, c.time);
+            }
+        }
         self.rebuild_indexes();
     }
 
@@ -1363,6 +1465,22 @@ fn key_entity_id(identity: &KeyIdentity) -> String {
     )
 }
 
+/// The store id of a remembered correlation: the JSON array `[deployment, correlation id]`.
+fn correlation_entity_id(dep: &str, corr: &str) -> String {
+    serde_json::to_string(&[dep, corr]).unwrap_or_default()
+}
+
+/// The document of a remembered correlation in the store.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct CorrelationDoc {
+    deployment: String,
+    correlation: String,
+    time: Millis,
+}
+
+/// Remembers `corr` for the deployment, forgetting the oldest beyond [`CORRELATION_MEMORY`]: the
+/// result is the newest ones by (time, id) whatever the order of the calls, so loading the stored
+/// rows in any order gives the same memory.
 fn remember_correlation(rec: &mut DeploymentRecord, corr: &str, time: Millis) {
     rec.confirmed_correlations.insert(corr.to_owned(), time);
     if rec.confirmed_correlations.len() > CORRELATION_MEMORY {

@@ -319,7 +319,9 @@ pub struct DeploymentRecord {
     /// Latest rewrap confirmation (named acknowledgement, counted acknowledgements, follow-up).
     pub confirmed_at: Option<Millis>,
     /// Correlation ids of rotations this deployment confirmed (possibly before the rotation arrived).
-    #[serde(default)]
+    /// Stored as entities of their own (`correlation`), not in the deployment's document; read
+    /// from documents written before that.
+    #[serde(default, skip_serializing)]
     pub confirmed_correlations: BTreeMap<String, Millis>,
     pub key_version: Option<String>,
     #[serde(default)]

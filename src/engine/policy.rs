@@ -169,18 +169,16 @@ impl Engine {
     /// Writes `state` at `stamp` into the authorization register of every deployment the policy
     /// covers (last writer wins) and raises an alert where the state changed.
     fn mark_covered(&mut self, spec: &PolicySpec, state: Authorization, stamp: Stamp, ev: &Event) {
-        let crns: Vec<String> = self.deployments.keys().cloned().collect();
+        // Sorted, so that alerts are raised in CRN order, as from the deployments map.
+        let mut crns: Vec<String> = self
+            .deployment_index
+            .iter()
+            .filter(|(_, i)| i.key.as_ref().is_some_and(|k| covers(spec, &i.service, k)))
+            .map(|(crn, _)| crn.clone())
+            .collect();
+        crns.sort_unstable();
         for crn in crns {
             let d = &self.deployments[&crn];
-            let Ok(key) = KeyCrn::parse(&d.spec.key) else {
-                continue;
-            };
-            let service = Crn::parse(&d.spec.crn)
-                .map(|c| c.service)
-                .unwrap_or_default();
-            if !covers(spec, &service, &key) {
-                continue;
-            }
             let before = d.auth.as_ref().map_or(Authorization::Ok, |a| a.state);
             if d.auth.as_ref().is_some_and(|a| a.stamp >= stamp) {
                 continue;

@@ -13,6 +13,7 @@ use crate::metrics::Metrics;
 use crate::settings::Settings;
 use crate::store::{PartitionOffset, Store};
 use crate::timefmt::Millis;
+use futures::FutureExt as _;
 use kafka::{ConsumerState, KeywatchContext};
 use persist::PersistError;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -27,8 +28,6 @@ use tokio_util::sync::CancellationToken;
 /// At most this many records are applied in one store transaction (bounded in-flight work: the
 /// consumer is not polled while a batch is being written, so a slow store pauses consumption).
 pub const MAX_BATCH: usize = 5000;
-/// How long a batch waits for more records once it has one.
-pub const BATCH_LINGER: Duration = Duration::from_millis(20);
 /// How often deadlines are evaluated on the wall clock.
 pub const TICK_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -178,15 +177,17 @@ pub async fn run(
                 continue;
             }
         }
-        let deadline = tokio::time::Instant::now() + BATCH_LINGER;
+        // Adaptive batching: take what is already fetched, without waiting for more. A quiet
+        // topic gets one small batch per record (lowest latency); under load, records pile up
+        // while a batch commits, so batches grow by themselves up to MAX_BATCH.
         while batch.len() < MAX_BATCH {
-            match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(m.detach()),
-                Ok(Err(e)) => {
+            match consumer.recv().now_or_never() {
+                Some(Ok(m)) => batch.push(m.detach()),
+                Some(Err(e)) => {
                     tracing::warn!(error = %e, "kafka receive error");
                     break;
                 }
-                Err(_) => break,
+                None => break,
             }
         }
         if health.consumer.reassigned.swap(false, Ordering::SeqCst) {
@@ -194,6 +195,7 @@ pub async fn run(
         }
         let next = p.process_with_retry(&batch, &shutdown).await?;
         health.batches.fetch_add(1, Ordering::Relaxed);
+        health.metrics.batch_records.observe(batch.len() as f64);
         let took = received.elapsed().as_secs_f64();
         let committed_at = Millis::now();
         for m in &batch {
@@ -369,22 +371,36 @@ impl Processor {
         persist::sync(&mut tx, &mut self.engine, self.seq).await?;
         // Another instance may have processed these partitions before a rebalance.
         let k = &self.settings.kafka;
-        let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        // Per partition of the batch: (topic, partition) and the next offset to store. A batch
+        // holds a handful of partitions, so a short vector beats a map keyed by owned strings.
+        let mut parts: Vec<((&str, i32), i64)> = Vec::new();
         let mut dead = Vec::new();
+        // [applied, ignored, duplicate, invalid], added to the metrics once per batch.
+        let mut counts = [0u64; 4];
         for m in batch {
-            let tp = (m.topic().to_owned(), m.partition());
-            let done = self.progress.get(&tp).copied().unwrap_or(0);
-            let n = next.entry(tp).or_insert(done);
-            if m.offset() < done {
-                continue;
+            let tp = (m.topic(), m.partition());
+            let slot = match parts.iter().position(|(p, _)| *p == tp) {
+                Some(i) => i,
+                None => {
+                    let done = self
+                        .progress
+                        .get(&(tp.0.to_owned(), tp.1))
+                        .copied()
+                        .unwrap_or(0);
+                    parts.push((tp, done));
+                    parts.len() - 1
+                }
+            };
+            if m.offset() < parts[slot].1 {
+                continue; // already applied (by this instance before a restart, or by another)
             }
-            *n = (*n).max(m.offset() + 1);
+            parts[slot].1 = m.offset() + 1;
             let payload = m.payload().unwrap_or_default();
             let disposition = self.engine.ingest(payload);
             let metrics = &self.shared.metrics;
             match &disposition {
                 Disposition::Applied => {
-                    metrics.events.with_label_values(&["applied"]).inc();
+                    counts[0] += 1;
                     if let Ok(s) = skim(payload) {
                         if let ActionField::Str(a) = &s.action {
                             if let ActionClass::Key(k) = classify_action(a) {
@@ -396,15 +412,31 @@ impl Processor {
                         }
                     }
                 }
-                Disposition::Ignored => metrics.events.with_label_values(&["ignored"]).inc(),
-                Disposition::Duplicate => metrics.events.with_label_values(&["duplicate"]).inc(),
+                Disposition::Ignored => counts[1] += 1,
+                Disposition::Duplicate => counts[2] += 1,
                 Disposition::Invalid(reason) => {
-                    metrics.events.with_label_values(&["invalid"]).inc();
+                    counts[3] += 1;
                     tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), %reason, "invalid record");
                     dead.push((m, reason.to_string()));
                 }
             }
         }
+        for (n, result) in counts
+            .iter()
+            .zip(["applied", "ignored", "duplicate", "invalid"])
+        {
+            if *n > 0 {
+                self.shared
+                    .metrics
+                    .events
+                    .with_label_values(&[result])
+                    .inc_by(*n);
+            }
+        }
+        let next: BTreeMap<(String, i32), i64> = parts
+            .iter()
+            .map(|((topic, partition), o)| (((*topic).to_owned(), *partition), *o))
+            .collect();
         let offsets: Vec<PartitionOffset> = next
             .iter()
             .map(|((topic, partition), o)| PartitionOffset {

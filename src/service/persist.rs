@@ -113,11 +113,11 @@ pub async fn write(
     let changes: Vec<Change> = engine.take_changes();
     let alerts = engine.take_alerts();
     if !changes.is_empty() {
-        let rows: Vec<(String, String, serde_json::Value)> = changes
+        let rows: Vec<(&str, String, String)> = changes
             .into_iter()
-            .map(|c| (c.kind.as_str().to_owned(), c.id, c.doc))
+            .map(|c| (c.kind.as_str(), c.id, c.doc))
             .collect();
-        tx.put_entities(&rows).await?;
+        tx.put_entity_texts(&rows).await?;
     }
     let now = time::OffsetDateTime::now_utc();
     let new: Vec<NewAlert> = alerts.iter().map(|a| new_alert(a, now)).collect();

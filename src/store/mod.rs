@@ -550,12 +550,25 @@ impl StoreTx<'_> {
         &mut self,
         rows: &[(String, String, serde_json::Value)],
     ) -> Result<i64, StoreError> {
+        let texts = rows
+            .iter()
+            .map(|(kind, id, doc)| Ok((kind.as_str(), id.clone(), json_text(doc)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.put_entity_texts(&texts).await
+    }
+
+    /// [`put_entities`](StoreTx::put_entities) with documents already serialized as JSON text.
+    pub async fn put_entity_texts(
+        &mut self,
+        rows: &[(&str, String, String)],
+    ) -> Result<i64, StoreError> {
         if rows.is_empty() {
             return Ok(self.seq());
         }
-        let mut unique: BTreeMap<(&str, &str), String> = BTreeMap::new();
+        // The last document of an entity wins.
+        let mut unique: BTreeMap<(&str, &str), &str> = BTreeMap::new();
         for (kind, id, doc) in rows {
-            unique.insert((kind.as_str(), id.as_str()), json_text(doc)?);
+            unique.insert((kind, id.as_str()), doc.as_str());
         }
         let seq = self.write_seq().await?;
         let failed = query_error("write entities");
@@ -567,7 +580,7 @@ impl StoreTx<'_> {
                 for ((kind, id), doc) in &unique {
                     kinds.push(*kind);
                     ids.push(*id);
-                    docs.push(doc.as_str());
+                    docs.push(*doc);
                 }
                 sqlx::query(
                     "INSERT INTO entities (kind, id, doc, seq) \
@@ -590,7 +603,7 @@ impl StoreTx<'_> {
                     q.push_values(chunk, |mut row, ((kind, id), doc)| {
                         row.push_bind(*kind)
                             .push_bind(*id)
-                            .push_bind(doc.as_str())
+                            .push_bind(*doc)
                             .push_bind(seq);
                     });
                     q.push(

@@ -148,8 +148,5 @@ pub(super) fn latest_version(backend: &str) -> i64 {
 }
 
 fn checksum(sql: &str) -> String {
-    Sha256::digest(sql.as_bytes())
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    crate::hex::encode(&Sha256::digest(sql.as_bytes()))
 }

@@ -183,3 +183,77 @@ proptest! {
         prop_assert_eq!(a, b);
     }
 }
+
+/// A correlation id a deployment remembers is persisted as its own `correlation` entity, not by
+/// rewriting the deployment's document; an engine loaded from the persisted entities in any order
+/// (the correlation before its deployment here) confirms the rotation exactly as the original does.
+#[test]
+fn remembered_correlations_are_their_own_entities_and_reload_in_any_order() {
+    use keywatch::engine::{Change, Disposition, EntityKind};
+    let mut engine: Engine = setup::fresh_engine(config()).expect("registry");
+    let mut persisted: Vec<Change> = engine.take_changes();
+    let follow_up =
+        json!({"eventTime": at(5), "action": "messagehub.instance.update", "outcome": "success",
+        "correlationId": "early-R9", "target": {"id": D1}})
+        .to_string();
+    assert!(matches!(
+        engine.ingest(follow_up.as_bytes()),
+        Disposition::Ignored
+    ));
+    let changes = engine.take_changes();
+    let kinds: Vec<(EntityKind, &str)> = changes.iter().map(|c| (c.kind, c.id.as_str())).collect();
+    assert!(
+        kinds.contains(&(
+            EntityKind::Correlation,
+            &*serde_json::to_string(&[D1, "early-R9"]).unwrap()
+        )),
+        "{kinds:?}"
+    );
+    assert!(
+        !kinds.iter().any(|(k, _)| *k == EntityKind::Deployment),
+        "remembering a correlation rewrote a deployment document: {kinds:?}"
+    );
+    persisted.extend(changes);
+
+    let mut reloaded = Engine::new(*engine.lifecycle());
+    for c in persisted.iter().rev() {
+        let doc: Value = serde_json::from_str(&c.doc).expect("JSON document");
+        reloaded.load_entity(c.kind, &c.id, doc).expect("loads");
+    }
+    reloaded.finish_loading();
+
+    let rotation = key_event(
+        "kms.secrets.rotate",
+        K1,
+        10,
+        "success",
+        json!({"correlationId": "early-R9"}),
+    );
+    for e in [&mut engine, &mut reloaded] {
+        assert!(matches!(
+            e.ingest(rotation.as_bytes()),
+            Disposition::Applied
+        ));
+    }
+    let now = Millis(1_787_234_400_000 + 3600 * 1000);
+    let state = |e: &mut Engine| {
+        e.tick(now);
+        let r = e.state_report(now);
+        json!({ "deployments": r.deployments, "keys": r.keys })
+    };
+    let (a, b) = (state(&mut engine), state(&mut reloaded));
+    assert_eq!(a, b);
+    let d1 = a["deployments"]
+        .as_array()
+        .and_then(|ds| ds.iter().find(|d| d["crn"] == D1))
+        .expect("d1 in the report");
+    assert_eq!(
+        d1["rewrap"], "current",
+        "the early follow-up confirmed the rotation: {d1}"
+    );
+    let d2 = a["deployments"]
+        .as_array()
+        .and_then(|ds| ds.iter().find(|d| d["crn"] == D2))
+        .expect("d2 in the report");
+    assert_eq!(d2["rewrap"], "pending", "{d2}");
+}

@@ -1,0 +1,62 @@
+//! Benchmark baseline: a bare rdkafka consumer that reads COUNT records of a topic and reports the
+//! latency from each record's timestamp (its production) to its receipt: what the broker and the
+//! client alone cost, before keywatch does anything. Commits offsets every second and waits at most
+//! `fetch.wait.max.ms` = 50 ms per fetch, as keywatch does (`FETCH_WAIT_MS` overrides it).
+//!
+//! usage: cargo run --release --example receive_latency -- BROKERS TOPIC COUNT
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::Message;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() != 4 {
+        eprintln!("usage: receive_latency BROKERS TOPIC COUNT");
+        std::process::exit(1);
+    }
+    let count: usize = args[3].parse().expect("COUNT is a number");
+    let group = format!("latency-{}", std::process::id());
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &args[1])
+        .set("group.id", &group)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .set(
+            "fetch.wait.max.ms",
+            std::env::var("FETCH_WAIT_MS").unwrap_or_else(|_| "50".into()),
+        )
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[args[2].as_str()]).expect("subscribe");
+    let mut latencies = Vec::with_capacity(count);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while latencies.len() < count && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            if let Some(ts) = m.timestamp().to_millis() {
+                latencies.push((now_ms - ts).max(0));
+            }
+        }
+    }
+    latencies.sort_unstable();
+    let q = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "{{\"records\": {}, \"p50_ms\": {}, \"p99_ms\": {}, \"max_ms\": {}}}",
+        latencies.len(),
+        q(0.5),
+        q(0.99),
+        latencies.last().copied().unwrap_or(0)
+    );
+}
