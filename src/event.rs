@@ -232,21 +232,11 @@ pub struct EventDigest(pub [u8; 16]);
 impl EventDigest {
     pub fn of_value(v: &Value) -> EventDigest {
         // serde_json's Map is ordered by key (no preserve_order feature), so this is canonical.
-        // Serialized straight into the hash, without an intermediate buffer.
-        struct Hashing(Sha256);
-        impl std::io::Write for Hashing {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.update(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let mut h = Hashing(Sha256::new());
+        // Serialized straight into the hash (Sha256 is an io::Write), without a buffer.
+        let mut h = Sha256::new();
         // Writing a Value into an infallible writer cannot fail.
         let _ = serde_json::to_writer(&mut h, v);
-        let hash = h.0.finalize();
+        let hash = h.finalize();
         let mut d = [0u8; 16];
         d.copy_from_slice(&hash[..16]);
         EventDigest(d)
@@ -373,10 +363,10 @@ pub fn str_at<'v>(v: &'v Value, path: &[&str]) -> Option<&'v str> {
 }
 
 /// A field that may be an object or a string holding JSON: returns the object form.
-pub fn object_or_json_string(v: Option<&Value>) -> Value {
+pub fn object_or_json_string(v: Option<Value>) -> Value {
     match v {
-        Some(Value::String(s)) => serde_json::from_str(s).unwrap_or(Value::Null),
-        Some(other) => other.clone(),
+        Some(Value::String(s)) => serde_json::from_str(&s).unwrap_or(Value::Null),
+        Some(other) => other,
         None => Value::Null,
     }
 }
@@ -431,11 +421,8 @@ pub fn parse_full(line: &[u8], class: ActionClass) -> Result<Event, InvalidReaso
     let digest = EventDigest::of_value(&value);
     // The payloads are moved out of the parsed value rather than cloned.
     let mut value = value;
-    let mut take = |name: &str| match value.as_object_mut().and_then(|o| o.remove(name)) {
-        Some(Value::String(s)) => serde_json::from_str(&s).unwrap_or(Value::Null),
-        Some(other) => other,
-        None => Value::Null,
-    };
+    let mut take =
+        |name: &str| object_or_json_string(value.as_object_mut().and_then(|o| o.remove(name)));
     let request = take("requestData");
     let response = take("responseData");
     Ok(Event {

@@ -10,8 +10,8 @@ use serde_json::Value;
 /// Reads the authorization a create event describes; `None` for anything that is not an
 /// authorization to a key service.
 pub fn policy_from_create(ev: &Event) -> Option<PolicySpec> {
-    let body = object_or_json_string(value_at(&ev.request, &["body"]));
-    let response = object_or_json_string(value_at(&ev.response, &["response_body"]));
+    let body = object_or_json_string(value_at(&ev.request, &["body"]).cloned());
+    let response = object_or_json_string(value_at(&ev.response, &["response_body"]).cloned());
     let doc = if body.get("subjects").is_some() {
         &body
     } else {
@@ -169,14 +169,16 @@ impl Engine {
     /// Writes `state` at `stamp` into the authorization register of every deployment the policy
     /// covers (last writer wins) and raises an alert where the state changed.
     fn mark_covered(&mut self, spec: &PolicySpec, state: Authorization, stamp: Stamp, ev: &Event) {
-        // Sorted, so that alerts are raised in CRN order, as from the deployments map.
-        let mut crns: Vec<String> = self
-            .deployment_index
-            .iter()
-            .filter(|(_, i)| i.key.as_ref().is_some_and(|k| covers(spec, &i.service, k)))
-            .map(|(crn, _)| crn.clone())
+        let crns: Vec<String> = self
+            .deployments
+            .keys()
+            .filter(|crn| {
+                self.deployment_index
+                    .get(*crn)
+                    .is_some_and(|i| i.key.as_ref().is_some_and(|k| covers(spec, &i.service, k)))
+            })
+            .cloned()
             .collect();
-        crns.sort_unstable();
         for crn in crns {
             let d = &self.deployments[&crn];
             let before = d.auth.as_ref().map_or(Authorization::Ok, |a| a.state);
