@@ -16,6 +16,8 @@
 //! Needs the broker of `scripts/test` (`KEYWATCH_TEST_BROKERS`). Every wait polls a condition with
 //! a deadline. Each test collects all its failed checks and reports them together.
 
+use crate::service::harness::{brokers, create_topic, unique, wait_for};
+use crate::support::repo;
 use keywatch::timefmt::Millis;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde_json::{json, Value};
@@ -23,7 +25,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "kw-api-test-token-6f1d";
@@ -62,22 +63,6 @@ const SPEC_METRICS: &[(&str, &str)] = &[
 
 // ------------------------------------------------------------------ environment
 
-fn brokers() -> String {
-    match std::env::var("KEYWATCH_TEST_BROKERS") {
-        Ok(b) if !b.trim().is_empty() => b.trim().to_owned(),
-        _ => panic!(
-            "KEYWATCH_TEST_BROKERS is not set: the API tests run `keywatch run` against a \
-             Kafka-protocol broker. Run them through scripts/test (it starts the tansu broker and \
-             exports the variable), or by hand: scripts/install-tools && scripts/broker start && \
-             export KEYWATCH_TEST_BROKERS=127.0.0.1:19092"
-        ),
-    }
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// The cargo target directory (the binary is `<target>/<profile>/keywatch`).
 fn target_dir() -> PathBuf {
     Path::new(env!("CARGO_BIN_EXE_keywatch"))
@@ -87,64 +72,12 @@ fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
-fn unique(tag: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "kw-api-{tag}-{}-{}-{}",
-        std::process::id(),
-        Millis::now().0,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
 /// A port nothing listens on right now (the OS picks it; the listener is closed again).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("bind 127.0.0.1:0")
         .port()
-}
-
-fn create_topic(brokers: &str, name: &str, partitions: u32) {
-    let port = brokers
-        .split(',')
-        .next()
-        .and_then(|b| b.rsplit(':').next())
-        .unwrap_or("19092")
-        .to_owned();
-    let out = Command::new(repo().join("scripts/broker"))
-        .args(["topic", name, &partitions.to_string(), &port])
-        .output()
-        .expect("scripts/broker runs");
-    assert!(
-        out.status.success(),
-        "scripts/broker topic {name} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Polls `probe` every 100 ms until it returns `Some`, or panics after `timeout` naming `what`
-/// with the text `context` gives.
-fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    mut probe: impl FnMut() -> Option<T>,
-    context: impl Fn() -> String,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "timed out after {timeout:?} waiting for {what}\n{}",
-                context()
-            );
-        }
-        std::thread::sleep(POLL);
-    }
 }
 
 /// Polls `probe` every 100 ms until it returns `Some` or `timeout` passes (then `None`).
@@ -234,10 +167,14 @@ impl Service {
             Duration::from_secs(30),
             || {
                 s.assert_running();
-                s.http
+                match s
+                    .http
                     .try_send(reqwest::Method::GET, "/healthz", None, None)
-                    .ok()
-                    .filter(|r| r.status == 200)
+                {
+                    Ok(r) if r.status == 200 => Ok(r),
+                    Ok(r) => Err(format!("status {}", r.status)),
+                    Err(e) => Err(e.to_string()),
+                }
             },
             || s.log_tail(30),
         );
@@ -281,15 +218,16 @@ impl Service {
                 self.assert_running();
                 let r = self.http.get("/readyz");
                 if r.status == 200 {
-                    return Some(());
+                    return Ok(());
                 }
+                let observed = format!("{} {}", r.status, r.body);
                 if !before
                     .iter()
                     .any(|b| b.status == r.status && b.body == r.body)
                 {
                     before.push(r);
                 }
-                None
+                Err(observed)
             },
             || self.log_tail(30),
         );
@@ -311,7 +249,7 @@ impl Service {
             Duration::from_secs(30),
             || {
                 status = child.try_wait().expect("try_wait");
-                status.map(|_| ())
+                status.map(|_| ()).ok_or_else(|| "still running".to_owned())
             },
             || self.log_tail(30),
         );
@@ -2228,7 +2166,11 @@ fn api_without_a_token_or_a_broker() {
         Duration::from_secs(30),
         || {
             let r = http.get("/v1/deployments");
-            (r.status == 200).then(|| r.json())
+            if r.status == 200 {
+                Ok(r.json())
+            } else {
+                Err(format!("status {}", r.status))
+            }
         },
         || service.log_tail(20),
     );

@@ -932,13 +932,18 @@ async fn receiver_down_then_up_gets_everything_once_across_a_restart() {
     assert!(world.metrics.count("webhook", "retried") >= 4);
 }
 
-/// 429 with `Retry-After: 1`: the next attempt waits that second, although the backoff is 20ms.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_429_is_retried_after_its_retry_after() {
-    let rx = Receiver::start(vec![Reply::RetryAfter("1"), Reply::Ok]).await;
+/// The setup of the webhook retry tests: a `hooks` route to `rx` for `key_disabled`, KEY2
+/// disabled once (correlation id `correlation`), and a worker that runs until the one notification
+/// settles. Returns the world and the notification rows.
+async fn one_webhook_alert(
+    rx: &Receiver,
+    max_age: &str,
+    webhook_timeout: &str,
+    correlation: &str,
+) -> (World, Vec<NotificationRow>) {
     let routes = webhook_route("hooks", &rx.url(), "[\"key_disabled\"]", "0s");
     let mut world = World::new(
-        &format!("{}\n{routes}", delivery_toml("1h", "2s")),
+        &format!("{}\n{routes}", delivery_toml(max_age, webhook_timeout)),
         None,
         &registry_toml(),
     )
@@ -948,12 +953,20 @@ async fn a_429_is_retried_after_its_retry_after() {
             "kms.secrets.disable",
             KEY2,
             "2026-08-20T14:00:00.00+0000",
-            "c-429",
+            correlation,
         )])
         .await;
     let worker = world.start().await;
     let rows = world.settled(1).await;
     worker.stop().await;
+    (world, rows)
+}
+
+/// 429 with `Retry-After: 1`: the next attempt waits that second, although the backoff is 20ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_is_retried_after_its_retry_after() {
+    let rx = Receiver::start(vec![Reply::RetryAfter("1"), Reply::Ok]).await;
+    let (_world, rows) = one_webhook_alert(&rx, "1h", "2s", "c-429").await;
     assert_eq!(
         (rows[0].status.as_str(), rows[0].attempts),
         ("delivered", 2),
@@ -980,24 +993,7 @@ async fn a_429_is_retried_after_its_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_400_fails_at_once() {
     let rx = Receiver::start(vec![Reply::Status(400, "bad payload")]).await;
-    let routes = webhook_route("hooks", &rx.url(), "[\"key_disabled\"]", "0s");
-    let mut world = World::new(
-        &format!("{}\n{routes}", delivery_toml("1h", "2s")),
-        None,
-        &registry_toml(),
-    )
-    .await;
-    world
-        .apply(&[key_event(
-            "kms.secrets.disable",
-            KEY2,
-            "2026-08-20T14:00:00.00+0000",
-            "c-400",
-        )])
-        .await;
-    let worker = world.start().await;
-    let rows = world.settled(1).await;
-    worker.stop().await;
+    let (world, rows) = one_webhook_alert(&rx, "1h", "2s", "c-400").await;
     assert_eq!(
         (rows[0].status.as_str(), rows[0].attempts),
         ("failed", 1),
@@ -1022,24 +1018,7 @@ async fn a_500_is_retried_until_delivered() {
         Reply::Ok,
     ])
     .await;
-    let routes = webhook_route("hooks", &rx.url(), "[\"key_disabled\"]", "0s");
-    let mut world = World::new(
-        &format!("{}\n{routes}", delivery_toml("1h", "2s")),
-        None,
-        &registry_toml(),
-    )
-    .await;
-    world
-        .apply(&[key_event(
-            "kms.secrets.disable",
-            KEY2,
-            "2026-08-20T14:00:00.00+0000",
-            "c-500",
-        )])
-        .await;
-    let worker = world.start().await;
-    let rows = world.settled(1).await;
-    worker.stop().await;
+    let (world, rows) = one_webhook_alert(&rx, "1h", "2s", "c-500").await;
     assert_eq!(
         (rows[0].status.as_str(), rows[0].attempts),
         ("delivered", 3),
@@ -1054,24 +1033,7 @@ async fn a_500_is_retried_until_delivered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_receiver_times_out_and_is_retried() {
     let rx = Receiver::start(vec![Reply::Slow(Duration::from_secs(5)), Reply::Ok]).await;
-    let routes = webhook_route("hooks", &rx.url(), "[\"key_disabled\"]", "0s");
-    let mut world = World::new(
-        &format!("{}\n{routes}", delivery_toml("1h", "500ms")),
-        None,
-        &registry_toml(),
-    )
-    .await;
-    world
-        .apply(&[key_event(
-            "kms.secrets.disable",
-            KEY2,
-            "2026-08-20T14:00:00.00+0000",
-            "c-slow",
-        )])
-        .await;
-    let worker = world.start().await;
-    let rows = world.settled(1).await;
-    worker.stop().await;
+    let (_world, rows) = one_webhook_alert(&rx, "1h", "500ms", "c-slow").await;
     assert_eq!(
         (rows[0].status.as_str(), rows[0].attempts),
         ("delivered", 2),
@@ -1090,24 +1052,7 @@ async fn a_slow_receiver_times_out_and_is_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_end_at_the_maximum_age() {
     let rx = Receiver::start(vec![Reply::Status(502, ""); 1000]).await;
-    let routes = webhook_route("hooks", &rx.url(), "[\"key_disabled\"]", "0s");
-    let mut world = World::new(
-        &format!("{}\n{routes}", delivery_toml("1s", "2s")),
-        None,
-        &registry_toml(),
-    )
-    .await;
-    world
-        .apply(&[key_event(
-            "kms.secrets.disable",
-            KEY2,
-            "2026-08-20T14:00:00.00+0000",
-            "c-old",
-        )])
-        .await;
-    let worker = world.start().await;
-    let rows = world.settled(1).await;
-    worker.stop().await;
+    let (world, rows) = one_webhook_alert(&rx, "1s", "2s", "c-old").await;
     assert_eq!(rows[0].status, "failed", "{rows:#?}");
     let error = rows[0].last_error.clone().unwrap_or_default();
     assert!(

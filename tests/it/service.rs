@@ -9,7 +9,7 @@
 //! matters (the events of one key and its deployments; IAM policy events) shares one partition,
 //! in file order (`harness::OrderGroups`); routine traffic is spread round-robin.
 
-mod harness;
+pub(crate) mod harness;
 
 use harness::*;
 use rdkafka::message::{Headers, Message};

@@ -61,9 +61,7 @@ pub fn unique(tag: &str) -> String {
     )
 }
 
-pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+pub use crate::support::repo;
 
 /// Prints how long a test took when it ends (shown with `--nocapture`).
 pub struct Timing(pub &'static str, pub Instant);
