@@ -93,10 +93,7 @@ fn end_to_end_case(brokers: &str, case: &str) {
         "{case}: SIGTERM must end the service with 0, got {exit}\n{}",
         svc.log_tail(30)
     );
-    let t = now_text();
-
-    let got = status(&setup.config, Some(&t));
-    let want = replay(&setup.config, &t, &events);
+    let (t, got, want) = status_and_replay(&setup.config, &events);
     assert_same_report(
         &format!("{case}: status --now {t} vs replay --now {t}"),
         &got,
@@ -254,9 +251,7 @@ fn crash_safety() {
     let exit = second.terminate();
     assert!(exit.success(), "exit {exit}\n{}", second.log_tail(30));
 
-    let t = now_text();
-    let got = status(&setup.config, Some(&t));
-    let want = replay(&setup.config, &t, &events);
+    let (_, got, want) = status_and_replay(&setup.config, &events);
     // Every field of every alert, as a multiset: no alert lost, none twice.
     assert_same_report(
         "after kill -9 and restart: status vs replay",
@@ -418,9 +413,7 @@ fn scale_out_postgres() {
         a.log_tail(30)
     );
 
-    let t = now_text();
-    let got = status(&setup.config, Some(&t));
-    let want = replay(&setup.config, &t, &events);
+    let (_, got, want) = status_and_replay(&setup.config, &events);
     assert_same_report(
         "two instances on PostgreSQL, then one: status vs replay",
         &got,
@@ -472,9 +465,7 @@ fn poison_input() {
     let dead = consume_all(&brokers, &dlq, 1, poison.len(), Duration::from_secs(30));
     assert!(svc.terminate().success(), "{}", svc.log_tail(30));
 
-    let t = now_text();
-    let got = status(&setup.config, Some(&t));
-    let want = replay(&setup.config, &t, &events);
+    let (_, got, want) = status_and_replay(&setup.config, &events);
     assert_same_report(
         "poisoned stream: status vs replay",
         &got,

@@ -357,6 +357,15 @@ pub fn replay(config: &Path, now: &str, file: &Path) -> Value {
     serde_json::from_slice(&run(c, "keywatch replay").stdout).expect("replay prints JSON")
 }
 
+/// The persisted state (`keywatch status`) and what `replay` of `events` reports, both at the
+/// same `now` (the wall clock, returned first).
+pub fn status_and_replay(config: &Path, events: &Path) -> (String, Value, Value) {
+    let now = now_text();
+    let got = status(config, Some(&now));
+    let want = replay(config, &now, events);
+    (now, got, want)
+}
+
 /// `keywatch publish --config C [--topic T] FILE`.
 pub fn publish(config: &Path, topic: Option<&str>, file: &Path) {
     let mut c = keywatch();
