@@ -1,6 +1,7 @@
 //! The commands of spec section 1, each a thin shell around the engine.
 
 mod inspect;
+mod mapped;
 mod publish;
 pub mod replay;
 mod stateful;
@@ -48,6 +49,8 @@ pub fn replay_command(
     };
     let mut engine = setup::fresh_engine(&settings)
         .map_err(|e| Failure::invalid(format!("registry error: {e}")))?;
+    // Nothing is persisted: do not collect changed entities for a store.
+    engine.set_change_tracking(false);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     match replay::replay(&mut engine, files, now, &mut out, true) {

@@ -1,5 +1,6 @@
 //! `keywatch replay`: the engine over JSON Lines files, offline, printing the report of spec section 6.
 
+use super::mapped::MappedReader;
 use crate::engine::view::{AlertView, StateReport};
 use crate::engine::{Alert, Disposition, Engine};
 use crate::timefmt::Millis;
@@ -12,7 +13,8 @@ pub struct Input<'a> {
     pub reader: Box<dyn BufRead + 'a>,
 }
 
-/// Opens `-` (stdin) or a file, with its size when known (for the progress bar).
+/// Opens `-` (stdin) or a file, with its size when known (for the progress bar). Regular files are
+/// read through a sliding memory map ([`MappedReader`]), anything else (pipes, devices) with `read`.
 pub fn open_input(name: &str) -> io::Result<(Box<dyn BufRead>, Option<u64>)> {
     if name == "-" {
         return Ok((
@@ -21,7 +23,12 @@ pub fn open_input(name: &str) -> io::Result<(Box<dyn BufRead>, Option<u64>)> {
         ));
     }
     let file = std::fs::File::open(name)?;
-    let size = file.metadata().ok().map(|m| m.len());
+    let meta = file.metadata().ok();
+    let size = meta.as_ref().map(|m| m.len());
+    if meta.is_some_and(|m| m.is_file()) {
+        // Regular files are mapped a window at a time: no copy out of the page cache.
+        return Ok((Box::new(MappedReader::new(file)), size));
+    }
     Ok((Box::new(BufReader::with_capacity(1 << 20, file)), size))
 }
 

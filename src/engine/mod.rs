@@ -19,9 +19,10 @@ use crate::event::{
     EventDigest, InvalidReason, KeyAction, Outcome,
 };
 use crate::timefmt::Millis;
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 pub use model::*;
 use sha2::{Digest as _, Sha256};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
 const TIMELINE_LIMIT: usize = 50;
 const CORRELATION_MEMORY: usize = 256;
@@ -214,6 +215,29 @@ struct DeploymentIndex {
     service: String,
 }
 
+/// The entities changed since the last [`Engine::take_changes`]. A replay without a store turns
+/// tracking off: nobody takes the changes there, and the set would grow with the input.
+#[derive(Debug, Clone, Default)]
+struct Dirty {
+    set: BTreeSet<(EntityKind, String)>,
+    off: bool,
+}
+
+impl Dirty {
+    fn mark(&mut self, kind: EntityKind, id: impl AsRef<str>) {
+        if !self.off {
+            self.set.insert((kind, id.as_ref().to_owned()));
+        }
+    }
+
+    /// `mark` for ids that cost something to build.
+    fn mark_with(&mut self, kind: EntityKind, id: impl FnOnce() -> String) {
+        if !self.off {
+            self.set.insert((kind, id()));
+        }
+    }
+}
+
 /// The engine. See the module documentation.
 #[derive(Debug, Clone)]
 pub struct Engine {
@@ -233,7 +257,7 @@ pub struct Engine {
     /// Loaded correlation rows whose deployment was not loaded yet.
     pending_correlations: Vec<CorrelationDoc>,
     alerts: Vec<Alert>,
-    dirty: BTreeSet<(EntityKind, String)>,
+    dirty: Dirty,
     lower_buf: String,
     latest_event_time: Option<Millis>,
     stats_dirty: bool,
@@ -255,7 +279,7 @@ impl Engine {
             deployment_index: HashMap::new(),
             pending_correlations: Vec::new(),
             alerts: Vec::new(),
-            dirty: BTreeSet::new(),
+            dirty: Dirty::default(),
             lower_buf: String::new(),
             latest_event_time: None,
             stats_dirty: false,
@@ -318,7 +342,7 @@ impl Engine {
                 );
             }
         }
-        self.dirty.insert((EntityKind::Deployment, crn));
+        self.dirty.mark(EntityKind::Deployment, crn);
     }
 
     /// Adds a known authorization policy from configuration.
@@ -331,7 +355,7 @@ impl Engine {
         if rec.spec.is_none() {
             rec.spec = Some(spec);
             rec.from_config = true;
-            self.dirty.insert((EntityKind::Policy, id));
+            self.dirty.mark(EntityKind::Policy, id);
         }
     }
 
@@ -353,7 +377,7 @@ impl Engine {
             anonymous_acks: 0,
             early_acks: BTreeMap::new(),
         });
-        self.dirty.insert((EntityKind::Key, id.clone()));
+        self.dirty.mark(EntityKind::Key, &id);
         self.key_by_identity.insert(identity, id.clone());
         id
     }
@@ -379,7 +403,7 @@ impl Engine {
             if let Some(d) = self.deployments.get_mut(&crn) {
                 d.shared_key_alerted = true;
             }
-            self.dirty.insert((EntityKind::Deployment, crn.clone()));
+            self.dirty.mark(EntityKind::Deployment, &crn);
             let summary = format!(
                 "key protects {n} active deployments: deleting or disabling it hits all of them"
             );
@@ -428,7 +452,7 @@ impl Engine {
         let d = self.deployments.get_mut(crn).expect("known deployment");
         let newly = d.soft_deleted_at.is_none();
         d.soft_deleted_at = Some(d.soft_deleted_at.map_or(at, |t| t.min(at)));
-        self.dirty.insert((EntityKind::Deployment, crn.to_owned()));
+        self.dirty.mark(EntityKind::Deployment, crn);
         if newly {
             let key = self.key_of(crn);
             let summary = format!("deployment soft-deleted; its data is purged at {purge_at}");
@@ -700,7 +724,7 @@ impl Engine {
         let d = apply(self, &ev);
         if d == Disposition::Applied {
             self.seen.insert(ev.digest);
-            self.dirty.insert((EntityKind::Event, ev.digest.hex()));
+            self.dirty.mark_with(EntityKind::Event, || ev.digest.hex());
         }
         d
     }
@@ -720,7 +744,7 @@ impl Engine {
                     if k.dual_auth_stamp.is_none_or(|s| stamp > s) {
                         k.deletion_authorized_until = None;
                         k.dual_auth_stamp = Some(stamp);
-                        self.dirty.insert((EntityKind::Key, key.to_owned()));
+                        self.dirty.mark(EntityKind::Key, key);
                     }
                 }
                 if stale {
@@ -762,7 +786,7 @@ impl Engine {
                     k.deleted_at = Some(ev.time);
                 }
                 let deleted_at = k.deleted_at;
-                self.dirty.insert((EntityKind::Key, key.to_owned()));
+                self.dirty.mark(EntityKind::Key, key);
                 for d in &deployments {
                     let soft = self.deployments[d].soft_deleted_at.is_some();
                     let sev = if action == Delete && soft {
@@ -824,7 +848,7 @@ impl Engine {
                 let set = action == SetKeyForDeletion;
                 k.deletion_authorized_until = set.then(|| ev.time.plus(window));
                 let until = k.deletion_authorized_until;
-                self.dirty.insert((EntityKind::Key, key.to_owned()));
+                self.dirty.mark(EntityKind::Key, key);
                 for d in &deployments {
                     if set {
                         self.note(d, ev, "deletion authorized");
@@ -899,7 +923,7 @@ impl Engine {
             .and_then(|c| k.early_acks.remove(c))
             .unwrap_or(0);
         k.anonymous_acks += early;
-        self.dirty.insert((EntityKind::Key, key.to_owned()));
+        self.dirty.mark(EntityKind::Key, key);
         let mut rotated = Vec::new();
         for d in self.deployments_on_key(key) {
             let rec = &self.deployments[&d];
@@ -918,7 +942,7 @@ impl Engine {
         }
         for d in rotated {
             self.note(&d, ev, "rewrap pending");
-            self.dirty.insert((EntityKind::Deployment, d.clone()));
+            self.dirty.mark(EntityKind::Deployment, &d);
             if !stale {
                 let deadline = self.rewrap_deadline_of(&d);
                 let summary = format!(
@@ -949,7 +973,7 @@ impl Engine {
                 if let Some(c) = &ev.correlation_id {
                     self.remember_correlation(&d, c, ev.time);
                 }
-                self.dirty.insert((EntityKind::Deployment, d.clone()));
+                self.dirty.mark(EntityKind::Deployment, &d);
                 let after = self.rewrap_of(&d);
                 self.note(&d, ev, "rewrap confirmed");
                 if before != Rewrap::Current && after == Rewrap::Current && !stale {
@@ -976,7 +1000,7 @@ impl Engine {
                         .iter()
                         .any(|r| r.correlation_id.as_ref() == Some(c))
                 });
-                self.dirty.insert((EntityKind::Key, key.to_owned()));
+                self.dirty.mark(EntityKind::Key, key);
                 if unconfirmed.is_empty() {
                     match (&ev.correlation_id, corr_known) {
                         (Some(c), false) => {
@@ -1014,7 +1038,7 @@ impl Engine {
             if let Some(c) = &ev.correlation_id {
                 self.remember_correlation(&d, c, ev.time);
             }
-            self.dirty.insert((EntityKind::Deployment, d.clone()));
+            self.dirty.mark(EntityKind::Deployment, &d);
             self.note(
                 &d,
                 ev,
@@ -1081,7 +1105,7 @@ impl Engine {
                         rec.ack_failures.remove(0);
                     }
                 }
-                self.dirty.insert((EntityKind::Deployment, d.clone()));
+                self.dirty.mark(EntityKind::Deployment, &d);
             }
             let what = if code == 408 {
                 "did not confirm within the deadline (408)"
@@ -1102,7 +1126,7 @@ impl Engine {
         if let Some(rec) = self.deployments.get_mut(dep) {
             remember_correlation(rec, corr, time);
             self.dirty
-                .insert((EntityKind::Correlation, correlation_entity_id(dep, corr)));
+                .mark_with(EntityKind::Correlation, || correlation_entity_id(dep, corr));
         }
     }
 
@@ -1175,7 +1199,7 @@ impl Engine {
                             .and_then(|r| r.correlation_id.clone());
                         let rec = self.deployments.get_mut(&crn).expect("deployment");
                         rec.clock_overdue_for = Some(since);
-                        self.dirty.insert((EntityKind::Deployment, crn.clone()));
+                        self.dirty.mark(EntityKind::Deployment, &crn);
                         let cause = format!("clock:rewrap:{}", since.0);
                         let summary = format!("rewrap not confirmed by the deadline {deadline}");
                         self.raise(
@@ -1204,7 +1228,7 @@ impl Engine {
             let k = self.keys.get_mut(&key).expect("key");
             k.state = KeyState::Purged;
             k.purged_by_clock = true;
-            self.dirty.insert((EntityKind::Key, key.clone()));
+            self.dirty.mark(EntityKind::Key, &key);
             let cause = format!("clock:purge:{}", deleted_at.0);
             for d in self.deployments_on_key(&key) {
                 let summary =
@@ -1315,7 +1339,7 @@ impl Engine {
                 let excess = d.timeline.len() - TIMELINE_LIMIT;
                 d.timeline.drain(..excess);
             }
-            self.dirty.insert((EntityKind::Deployment, crn.to_owned()));
+            self.dirty.mark(EntityKind::Deployment, crn);
         }
     }
 
@@ -1332,9 +1356,9 @@ impl Engine {
     /// Entities changed since the last call, serialized for the store.
     pub fn take_changes(&mut self) -> Vec<Change> {
         if std::mem::take(&mut self.stats_dirty) {
-            self.dirty.insert((EntityKind::Stats, "stats".into()));
+            self.dirty.mark(EntityKind::Stats, "stats");
         }
-        let dirty = std::mem::take(&mut self.dirty);
+        let dirty = std::mem::take(&mut self.dirty.set);
         dirty
             .into_iter()
             .filter_map(|(kind, id)| {
@@ -1366,10 +1390,19 @@ impl Engine {
             .collect()
     }
 
+    /// Whether changed entities are collected for [`Engine::take_changes`] (on by default). Off for
+    /// a replay that only reports: its memory must not grow with the number of events.
+    pub fn set_change_tracking(&mut self, on: bool) {
+        self.dirty.off = !on;
+        if !on {
+            self.dirty.set.clear();
+        }
+    }
+
     /// Forgets pending changes without returning them (after a full reload, for example).
     pub fn clear_changes(&mut self) {
         self.stats_dirty = false;
-        self.dirty.clear();
+        self.dirty.set.clear();
     }
 
     /// Loads one persisted entity (start-up, or changes written by another instance).

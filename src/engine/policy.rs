@@ -133,7 +133,7 @@ impl Engine {
                         .or_insert_with(|| PolicyRecord::unknown(&id, false));
                     let stamp = ev.stamp();
                     rec.deleted = Some(rec.deleted.map_or(stamp, |d| d.max(stamp)));
-                    self.dirty.insert((EntityKind::Policy, id));
+                    self.dirty.mark(EntityKind::Policy, id);
                     return Disposition::Ignored;
                 }
                 self.dedup_then(ev, |e, ev| {
@@ -141,7 +141,7 @@ impl Engine {
                     let rec = e.policies.get_mut(&id).expect("policy");
                     rec.deleted = Some(rec.deleted.map_or(stamp, |d| d.max(stamp)));
                     let spec = rec.spec.clone().expect("known policy");
-                    e.dirty.insert((EntityKind::Policy, id.clone()));
+                    e.dirty.mark(EntityKind::Policy, &id);
                     e.mark_covered(&spec, Authorization::Revoked, stamp, ev);
                     Disposition::Applied
                 })
@@ -159,7 +159,7 @@ impl Engine {
         rec.spec = Some(spec.clone());
         rec.created = Some(rec.created.map_or(stamp, |c| c.min(stamp)));
         let deleted = rec.deleted;
-        self.dirty.insert((EntityKind::Policy, id));
+        self.dirty.mark(EntityKind::Policy, id);
         self.mark_covered(&spec, Authorization::Ok, stamp, ev);
         if let Some(del) = deleted {
             self.mark_covered(&spec, Authorization::Revoked, del, ev);
@@ -169,16 +169,15 @@ impl Engine {
     /// Writes `state` at `stamp` into the authorization register of every deployment the policy
     /// covers (last writer wins) and raises an alert where the state changed.
     fn mark_covered(&mut self, spec: &PolicySpec, state: Authorization, stamp: Stamp, ev: &Event) {
-        let crns: Vec<String> = self
-            .deployments
-            .keys()
-            .filter(|crn| {
-                self.deployment_index
-                    .get(*crn)
-                    .is_some_and(|i| i.key.as_ref().is_some_and(|k| covers(spec, &i.service, k)))
-            })
-            .cloned()
+        // The index holds every deployment with its parsed key: one pass, no lookups; sorted
+        // afterwards so that alerts come in the deployments' order.
+        let mut crns: Vec<String> = self
+            .deployment_index
+            .iter()
+            .filter(|(_, i)| i.key.as_ref().is_some_and(|k| covers(spec, &i.service, k)))
+            .map(|(crn, _)| crn.clone())
             .collect();
+        crns.sort_unstable();
         for crn in crns {
             let d = &self.deployments[&crn];
             let before = d.auth.as_ref().map_or(Authorization::Ok, |a| a.state);
@@ -187,7 +186,7 @@ impl Engine {
             }
             let d = self.deployments.get_mut(&crn).expect("deployment");
             d.auth = Some(AuthMark { state, stamp });
-            self.dirty.insert((EntityKind::Deployment, crn.clone()));
+            self.dirty.mark(EntityKind::Deployment, &crn);
             let key_id = self.key_of(&crn);
             if before != state {
                 let (kind, severity, summary, effect) = match state {

@@ -171,6 +171,29 @@ fn every_pool_event_is_applied() {
     }
 }
 
+/// A replay without a store turns change tracking off: same state, but nothing is collected for a
+/// store (the collection grew with every applied event and remembered correlation).
+#[test]
+fn without_change_tracking_the_state_is_the_same_and_nothing_is_collected() {
+    let mut tracked: Engine = setup::fresh_engine(config()).expect("registry");
+    let mut untracked: Engine = setup::fresh_engine(config()).expect("registry");
+    tracked.take_changes();
+    untracked.set_change_tracking(false);
+    for e in pool() {
+        tracked.ingest(e.as_bytes());
+        untracked.ingest(e.as_bytes());
+    }
+    assert!(tracked.take_changes().len() > 10);
+    assert_eq!(untracked.take_changes().len(), 0);
+    let now = Millis(1_787_234_400_000 + 24 * 3600 * 1000);
+    let state = |e: &mut Engine| {
+        e.tick(now);
+        let r = e.state_report(now);
+        json!({ "deployments": r.deployments, "keys": r.keys, "stats": r.stats })
+    };
+    assert_eq!(state(&mut tracked), state(&mut untracked));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
     #[test]
