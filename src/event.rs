@@ -149,7 +149,7 @@ pub fn classify_action(action: &str) -> ActionClass {
     let _ = service_len;
     if let Some(verb) = strip_prefix_ci(rest, "secrets.") {
         match normalized_verb(verb) {
-            Some(v) => key_verb(&v),
+            Some(v) => key_verb(v.as_str()),
             None => ActionClass::RoutineKey,
         }
     } else if rest.eq_ignore_ascii_case("secrets-event.ack") {
@@ -183,17 +183,35 @@ fn key_verb(v: &str) -> ActionClass {
     })
 }
 
-/// Lower-cases a short verb and drops `-`/`_`; `None` for verbs too long to be a lifecycle verb.
-fn normalized_verb(verb: &str) -> Option<String> {
-    if verb.len() > 24 {
+/// A short verb lower-cased without `-`/`_`, in a stack buffer (a third of all records are
+/// `kms.secrets.*`: no allocation per record).
+struct Verb {
+    buf: [u8; 24],
+    len: usize,
+}
+
+impl Verb {
+    fn as_str(&self) -> &str {
+        // Only ASCII bytes are kept (see `normalized_verb`).
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
+/// Lower-cases a short verb and drops `-`/`_`; `None` for verbs too long to be a lifecycle verb
+/// or with non-ASCII bytes (no lifecycle verb has them).
+fn normalized_verb(verb: &str) -> Option<Verb> {
+    if verb.len() > 24 || !verb.is_ascii() {
         return None;
     }
-    Some(
-        verb.bytes()
-            .filter(|b| *b != b'-' && *b != b'_')
-            .map(|b| b.to_ascii_lowercase() as char)
-            .collect(),
-    )
+    let mut v = Verb {
+        buf: [0; 24],
+        len: 0,
+    };
+    for b in verb.bytes().filter(|b| *b != b'-' && *b != b'_') {
+        v.buf[v.len] = b.to_ascii_lowercase();
+        v.len += 1;
+    }
+    Some(v)
 }
 
 /// Maps a legacy ack's `eventType` to the action it acknowledges.
@@ -293,6 +311,18 @@ pub enum Outcome {
     Failure,
     Pending,
     Unknown,
+}
+
+impl Outcome {
+    /// The name as serialized (lower case).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failure => "failure",
+            Outcome::Pending => "pending",
+            Outcome::Unknown => "unknown",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -602,15 +632,27 @@ mod scan {
         Ok(key)
     }
 
+    #[inline(always)]
     fn field(b: &[u8], key: Span) -> Res<Field> {
-        let name: Cow<'_, str> = text(b, key)?;
-        Ok(match name.as_bytes() {
-            b"action" => Field::Action,
-            b"target" => Field::Target,
-            b"eventTime" => Field::EventTime,
-            b"correlationId" => Field::CorrelationId,
+        if key.escaped {
+            return Ok(field_named(text(b, key)?.as_bytes()));
+        }
+        Ok(field_named(&b[key.start..key.end]))
+    }
+
+    /// Compares fixed-size arrays (inlined loads, no `memcmp` call per top-level key).
+    #[inline(always)]
+    fn field_named(name: &[u8]) -> Field {
+        fn is<const N: usize>(name: &[u8], want: &[u8; N]) -> bool {
+            <&[u8; N]>::try_from(name).is_ok_and(|n| n == want)
+        }
+        match name.len() {
+            6 if is(name, b"action") => Field::Action,
+            6 if is(name, b"target") => Field::Target,
+            9 if is(name, b"eventTime") => Field::EventTime,
+            13 if is(name, b"correlationId") => Field::CorrelationId,
             _ => Field::Other,
-        })
+        }
     }
 
     /// The text of a scanned string, borrowed unless it has escapes.
@@ -663,7 +705,12 @@ mod scan {
         loop {
             let key = key(b, i, c)?;
             c = ws(b, i);
-            if text(b, key)? == "id" {
+            let is_id = if key.escaped {
+                text(b, key)? == "id"
+            } else {
+                &b[key.start..key.end] == b"id"
+            };
+            if is_id {
                 id = maybe_str(b, i, c, 2)?;
             } else {
                 *i = value(b, *i, c, 2)?;
@@ -1154,6 +1201,18 @@ mod tests {
         assert_eq!(e.ack_resource(), Some("crn:r"));
         assert_eq!(e.target_id, "crn:k");
         assert_eq!(e.key_id_from_request_uri(), Some("abc"));
+    }
+
+    #[test]
+    fn outcome_names_are_the_serialized_ones() {
+        for o in [
+            Outcome::Success,
+            Outcome::Failure,
+            Outcome::Pending,
+            Outcome::Unknown,
+        ] {
+            assert_eq!(serde_json::to_value(o).unwrap(), o.as_str());
+        }
     }
 
     #[test]

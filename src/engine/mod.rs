@@ -1331,7 +1331,7 @@ impl Engine {
             d.timeline.push(TimelineEntry {
                 time: ev.time,
                 action: ev.action.clone(),
-                outcome: format!("{:?}", ev.outcome).to_ascii_lowercase(),
+                outcome: ev.outcome.as_str().to_owned(),
                 correlation_id: ev.correlation_id.clone(),
                 effect: effect.to_owned(),
             });
