@@ -48,7 +48,7 @@ pub fn consumer_config(k: &KafkaSettings) -> ClientConfig {
     // Bounded prefetch (librdkafka buffers up to 64 MiB by default) and a short
     // fetch wait, so that a lifecycle event is not held back by a broker that waits out
     // fetch.wait.max.ms on a quiet topic. Both can be overridden in [kafka.properties].
-    c.set("queued.max.messages.kbytes", "8192");
+    c.set("queued.max.messages.kbytes", "4096");
     c.set("fetch.wait.max.ms", "50");
     // librdkafka waits fetch.queue.backoff.ms (1 s by default) before fetching again once the
     // bounded queue above was full: with a small queue that halves throughput or worse.
