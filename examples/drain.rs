@@ -3,8 +3,8 @@
 //!
 //! usage: cargo run --release --example drain -- BROKERS TOPIC COUNT
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+mod common;
+
 use rdkafka::Message;
 use std::time::{Duration, Instant};
 
@@ -15,17 +15,12 @@ fn main() {
         std::process::exit(1);
     }
     let count: u64 = args[3].parse().expect("COUNT is a number");
-    let group = format!("drain-{}", std::process::id());
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &args[1])
-        .set("group.id", &group)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "1000")
-        .create()
-        .expect("consumer");
-    consumer.subscribe(&[args[2].as_str()]).expect("subscribe");
+    let consumer = common::fresh_consumer(
+        &args[1],
+        &args[2],
+        "drain",
+        &[("enable.auto.commit", "false")],
+    );
     let mut n = 0u64;
     let mut bytes = 0u64;
     let mut first: Option<Instant> = None;

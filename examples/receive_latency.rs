@@ -5,8 +5,8 @@
 //!
 //! usage: cargo run --release --example receive_latency -- BROKERS TOPIC COUNT
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+mod common;
+
 use rdkafka::Message;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -17,22 +17,17 @@ fn main() {
         std::process::exit(1);
     }
     let count: usize = args[3].parse().expect("COUNT is a number");
-    let group = format!("latency-{}", std::process::id());
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &args[1])
-        .set("group.id", &group)
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "1000")
-        .set(
-            "fetch.wait.max.ms",
-            std::env::var("FETCH_WAIT_MS").unwrap_or_else(|_| "50".into()),
-        )
-        .create()
-        .expect("consumer");
-    consumer.subscribe(&[args[2].as_str()]).expect("subscribe");
+    let fetch_wait = std::env::var("FETCH_WAIT_MS").unwrap_or_else(|_| "50".into());
+    let consumer = common::fresh_consumer(
+        &args[1],
+        &args[2],
+        "latency",
+        &[
+            ("enable.auto.commit", "true"),
+            ("auto.commit.interval.ms", "1000"),
+            ("fetch.wait.max.ms", &fetch_wait),
+        ],
+    );
     let mut latencies = Vec::with_capacity(count);
     let deadline = Instant::now() + Duration::from_secs(600);
     while latencies.len() < count && Instant::now() < deadline {
