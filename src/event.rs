@@ -260,6 +260,14 @@ impl EventDigest {
         EventDigest(d)
     }
 
+    /// The digest of a record's canonical serialization (what [`EventDigest::of_value`] hashes).
+    pub fn of_canonical(bytes: &[u8]) -> EventDigest {
+        let hash = Sha256::digest(bytes);
+        let mut d = [0u8; 16];
+        d.copy_from_slice(&hash[..16]);
+        EventDigest(d)
+    }
+
     pub fn hex(&self) -> String {
         crate::hex::encode(&self.0)
     }
@@ -402,7 +410,107 @@ pub fn object_or_json_string(v: Option<Value>) -> Value {
 }
 
 /// Full parse of a record already known to be a JSON object with a string action.
+///
+/// The digest is taken over serde_json's serialization of the record's `Value` (canonical: keys
+/// sorted, no white space). The scanner writes those same bytes straight from the input for the
+/// common record ([`scan::canonical`]), and only the fields read here are parsed; a record it
+/// declines (escapes, floats, repeated keys) goes through a full `Value`, with the same result.
 pub fn parse_full(line: &[u8], class: ActionClass) -> Result<Event, InvalidReason> {
+    let mut canonical = Vec::with_capacity(line.len());
+    match scan::canonical(line, &mut canonical) {
+        Some(fields) => from_fields(&fields, EventDigest::of_canonical(&canonical), class),
+        None => parse_full_value(line, class),
+    }
+}
+
+/// A field's value parsed on its own (`Null` when absent).
+fn field_value(raw: Option<&[u8]>) -> Option<Value> {
+    raw.map(|r| serde_json::from_slice(r).unwrap_or(Value::Null))
+}
+
+/// A field's string, `None` when absent or not a string.
+fn field_str(raw: Option<&[u8]>) -> Option<Cow<'_, str>> {
+    let raw = raw?;
+    if raw.first() != Some(&b'"') {
+        return None;
+    }
+    if !raw.contains(&b'\\') {
+        return std::str::from_utf8(&raw[1..raw.len() - 1])
+            .ok()
+            .map(Cow::Borrowed);
+    }
+    serde_json::from_slice::<String>(raw).ok().map(Cow::Owned)
+}
+
+/// [`parse_full`] from the raw top-level fields; the same rules as [`parse_full_value`].
+fn from_fields(
+    f: &scan::Fields<'_>,
+    digest: EventDigest,
+    class: ActionClass,
+) -> Result<Event, InvalidReason> {
+    let action = field_str(f.action)
+        .ok_or(InvalidReason::NoAction)?
+        .into_owned();
+    let target = field_value(f.target);
+    let target_id = target
+        .as_ref()
+        .and_then(|t| str_at(t, &["id"]))
+        .filter(|s| !s.trim().is_empty())
+        .ok_or_else(|| InvalidReason::NoTarget(action.clone()))?
+        .trim()
+        .to_owned();
+    let time = field_str(f.event_time)
+        .as_deref()
+        .and_then(Millis::parse)
+        .ok_or_else(|| InvalidReason::BadTime {
+            action: action.clone(),
+            time: match field_value(f.event_time) {
+                Some(Value::String(s)) => s,
+                Some(other) => other.to_string(),
+                None => "(missing)".into(),
+            },
+        })?;
+    let outcome = match field_str(f.outcome).as_deref() {
+        Some(o) if o.eq_ignore_ascii_case("success") => Outcome::Success,
+        Some(o) if o.eq_ignore_ascii_case("failure") => Outcome::Failure,
+        Some(o) if o.eq_ignore_ascii_case("pending") => Outcome::Pending,
+        _ => Outcome::Unknown,
+    };
+    let reason_code = field_value(f.reason)
+        .as_ref()
+        .and_then(|r| value_at(r, &["reasonCode"]))
+        .and_then(|v| match v {
+            Value::Number(n) => n.as_i64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        });
+    let correlation_id = field_str(f.correlation_id)
+        .filter(|s| !s.is_empty())
+        .map(Cow::into_owned);
+    let initiator = match field_value(f.initiator) {
+        Some(v) => Initiator {
+            id: str_at(&v, &["id"]).map(str::to_owned),
+            name: str_at(&v, &["name"]).map(str::to_owned),
+        },
+        None => Initiator::default(),
+    };
+    Ok(Event {
+        class,
+        action,
+        time,
+        digest,
+        outcome,
+        reason_code,
+        correlation_id,
+        target_id,
+        initiator,
+        request: object_or_json_string(field_value(f.request)),
+        response: object_or_json_string(field_value(f.response)),
+    })
+}
+
+/// [`parse_full`] through a `serde_json::Value` of the whole record.
+fn parse_full_value(line: &[u8], class: ActionClass) -> Result<Event, InvalidReason> {
     let value: Value =
         serde_json::from_slice(line).map_err(|e| InvalidReason::NotJson(e.to_string()))?;
     let obj = value.as_object().ok_or(InvalidReason::NotAnObject)?;
@@ -969,6 +1077,185 @@ mod scan {
         Ok(n)
     }
 
+    // ---- the canonical form, for `parse_full` ----
+
+    /// The raw JSON text of the top-level fields `parse_full` reads.
+    #[derive(Default)]
+    pub(super) struct Fields<'a> {
+        pub action: Option<&'a [u8]>,
+        pub target: Option<&'a [u8]>,
+        pub event_time: Option<&'a [u8]>,
+        pub outcome: Option<&'a [u8]>,
+        pub reason: Option<&'a [u8]>,
+        pub correlation_id: Option<&'a [u8]>,
+        pub initiator: Option<&'a [u8]>,
+        pub request: Option<&'a [u8]>,
+        pub response: Option<&'a [u8]>,
+    }
+
+    impl<'a> Fields<'a> {
+        fn set(&mut self, name: &[u8], raw: &'a [u8]) {
+            let slot = match name {
+                b"action" => &mut self.action,
+                b"target" => &mut self.target,
+                b"eventTime" => &mut self.event_time,
+                b"outcome" => &mut self.outcome,
+                b"reason" => &mut self.reason,
+                b"correlationId" => &mut self.correlation_id,
+                b"initiator" => &mut self.initiator,
+                b"requestData" => &mut self.request,
+                b"responseData" => &mut self.response,
+                _ => return,
+            };
+            *slot = Some(raw);
+        }
+    }
+
+    /// Writes into `out` exactly what `serde_json::to_writer` writes for the record's
+    /// `serde_json::Value` (members sorted by key, no white space) and returns the raw text of the
+    /// top-level fields, without building the tree. `None` where the two could differ and the
+    /// caller must go through `Value`: a string or key with escapes (serde_json re-escapes them its
+    /// own way), a number that is not a plain integer of at most 18 digits (floats are re-printed,
+    /// `-0` becomes `-0.0`), a key given twice in one object (the map keeps the last one), and
+    /// anything that is not a valid JSON object.
+    pub(super) fn canonical<'a>(b: &'a [u8], out: &mut Vec<u8>) -> Option<Fields<'a>> {
+        let mut i = 0;
+        if ws(b, &mut i) != b'{' {
+            return None;
+        }
+        let mut fields = Fields::default();
+        i = canonical_object(b, i, out, 0, Some(&mut fields))?;
+        end(b, i).ok()?;
+        Some(fields)
+    }
+
+    fn canonical_value(b: &[u8], i: usize, c: u8, out: &mut Vec<u8>, depth: u32) -> Option<usize> {
+        match c {
+            b'"' => {
+                let mut j = i;
+                if string(b, &mut j).ok()?.escaped {
+                    return None;
+                }
+                out.extend_from_slice(&b[i..j]);
+                Some(j)
+            }
+            b'{' => canonical_object(b, i, out, depth, None),
+            b'[' => {
+                if depth >= MAX_DEPTH {
+                    return None;
+                }
+                out.push(b'[');
+                let mut j = i + 1;
+                let mut c = ws(b, &mut j);
+                if c == b']' {
+                    out.push(b']');
+                    return Some(j + 1);
+                }
+                loop {
+                    j = canonical_value(b, j, c, out, depth + 1)?;
+                    c = ws(b, &mut j);
+                    match c {
+                        b',' => {
+                            out.push(b',');
+                            j += 1;
+                            c = ws(b, &mut j);
+                        }
+                        b']' => {
+                            out.push(b']');
+                            return Some(j + 1);
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            b't' | b'f' | b'n' => {
+                let word: &[u8] = match c {
+                    b't' => b"true",
+                    b'f' => b"false",
+                    _ => b"null",
+                };
+                let j = literal(b, i, word).ok()?;
+                out.extend_from_slice(word);
+                Some(j)
+            }
+            b'-' | b'0'..=b'9' => {
+                let j = number(b, i).ok()?;
+                let n = &b[i..j];
+                let digits = n.strip_prefix(b"-").unwrap_or(n);
+                // serde_json keeps such a number as a u64 or i64 and prints it back digit for digit.
+                if digits.len() > 18 || !digits.iter().all(u8::is_ascii_digit) || n == b"-0" {
+                    return None;
+                }
+                out.extend_from_slice(n);
+                Some(j)
+            }
+            _ => None,
+        }
+    }
+
+    /// The object at `b[i]` (a `{`), its members sorted by key. `fields` collects the raw values
+    /// of the top level.
+    fn canonical_object<'a>(
+        b: &'a [u8],
+        i: usize,
+        out: &mut Vec<u8>,
+        depth: u32,
+        mut fields: Option<&mut Fields<'a>>,
+    ) -> Option<usize> {
+        if depth >= MAX_DEPTH {
+            return None;
+        }
+        let mut j = i + 1;
+        let mut c = ws(b, &mut j);
+        if c == b'}' {
+            out.extend_from_slice(b"{}");
+            return Some(j + 1);
+        }
+        // The members' values are written in input order after `base`, then moved into key order.
+        let base = out.len();
+        // (key start, key end) in `b`, (value start, value end) in `out`
+        let mut members: Vec<(usize, usize, usize, usize)> = Vec::new();
+        loop {
+            let key = key(b, &mut j, c).ok()?;
+            if key.escaped {
+                return None;
+            }
+            c = ws(b, &mut j);
+            let (raw_start, value_start) = (j, out.len());
+            j = canonical_value(b, j, c, out, depth + 1)?;
+            if let Some(f) = fields.as_deref_mut() {
+                f.set(&b[key.start..key.end], &b[raw_start..j]);
+            }
+            members.push((key.start, key.end, value_start, out.len()));
+            c = ws(b, &mut j);
+            match c {
+                b',' => {
+                    j += 1;
+                    c = ws(b, &mut j);
+                }
+                b'}' => break,
+                _ => return None,
+            }
+        }
+        let name = |m: &(usize, usize, usize, usize)| &b[m.0..m.1];
+        members.sort_unstable_by(|x, y| name(x).cmp(name(y)));
+        if members.windows(2).any(|w| name(&w[0]) == name(&w[1])) {
+            return None;
+        }
+        let values = out.split_off(base);
+        out.push(b'{');
+        for (n, m) in members.iter().enumerate() {
+            if n > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(&b[m.0 - 1..=m.1]); // the key with its quotes
+            out.push(b':');
+            out.extend_from_slice(&values[m.2 - base..m.3 - base]);
+        }
+        out.push(b'}');
+        Some(j + 1)
+    }
+
     /// Bit masks over 16 bytes: which are `"`, `\` or below 0x20, and which are 0x80 or above.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -1224,6 +1511,68 @@ mod tests {
         assert_ne!(EventDigest::of_value(&a), EventDigest::of_value(&c));
         let d = EventDigest::of_value(&a);
         assert_eq!(EventDigest::from_hex(&d.hex()), Some(d));
+    }
+
+    /// Where the scanner writes a canonical form, it is serde_json's serialization of the
+    /// record's `Value`, and `parse_full` gives the same event as the `Value` path; where it
+    /// declines, the record is one it must decline.
+    #[track_caller]
+    fn check_canonical(line: &[u8]) -> bool {
+        let mut out = Vec::new();
+        let fields = scan::canonical(line, &mut out);
+        let value = serde_json::from_slice::<Value>(line);
+        if fields.is_none() {
+            return false;
+        }
+        let value = value.expect("canonical form of invalid JSON");
+        assert!(value.is_object(), "canonical form of a non-object");
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            serde_json::to_string(&value).unwrap(),
+            "on {:?}",
+            String::from_utf8_lossy(line)
+        );
+        assert_eq!(
+            EventDigest::of_canonical(&out),
+            EventDigest::of_value(&value)
+        );
+        let class = ActionClass::Key(KeyAction::Ack(AckOf::Rotate));
+        assert_eq!(
+            format!("{:?}", parse_full(line, class)),
+            format!("{:?}", parse_full_value(line, class)),
+            "on {:?}",
+            String::from_utf8_lossy(line)
+        );
+        true
+    }
+
+    #[test]
+    fn canonical_form_of_typical_records_and_what_it_declines() {
+        let typical = r#"{"eventTime": "2026-08-20T18:01:00.27+0000", "action": "kms.secrets.rotate", "outcome": "success", "reason": {"reasonCode": 200, "reasonType": "OK"}, "target": {"id": " crn:v1:bluemix:public:kms:us-south:a/acc:inst:key:k1 ", "typeURI": "kms/secrets"}, "initiator": {"id": "IBMid-1", "name": "Jo", "credential": {"type": "token"}}, "requestData": {"requestURI": "/api/v2/keys/k1/actions/rotate"}, "responseData": {"keyVersionId": "v2", "list": [1, -2, true, false, null, [], {}]}, "correlationId": "c-1", "dataEvent": false, "message": "Key Protect: rotate secret é"}"#;
+        assert!(check_canonical(typical.as_bytes()));
+        let string_payload = br#"{"action":"kms.secrets.ack-rotate","eventTime":"2026-08-20T18:01:00Z","reason":{"reasonCode":"408"},"target":{"id":"crn:k"},"responseData":"{}"}"#;
+        assert!(check_canonical(string_payload));
+        for declined in [
+            &br#"{"action":"a\"b","eventTime":"2026-08-20T18:01:00Z"}"#[..],
+            br#"{"action":"a","n":1.5}"#,
+            br#"{"action":"a","n":-0}"#,
+            br#"{"action":"a","n":1e3}"#,
+            br#"{"action":"a","n":1234567890123456789}"#,
+            br#"{"action":"a","x":{"k":1,"k":2}}"#,
+            br#"{"action":"a","action":"b"}"#,
+            br#"{"\u0061ction":"a"}"#,
+            br#"["action"]"#,
+            br#"{"action":"a"} x"#,
+        ] {
+            assert!(
+                !check_canonical(declined),
+                "{:?}",
+                String::from_utf8_lossy(declined)
+            );
+        }
+        assert!(check_canonical(
+            br#"{"action":"a","n":-123456789012345678,"m":123456789012345678,"z":0,"s":" "}"#
+        ));
     }
 
     // ---- skim: the scanner against serde_json ----
@@ -1726,6 +2075,64 @@ mod tests {
             ]
         }
 
+        /// Records the canonical form mostly accepts: no escapes, integers, keys that may repeat.
+        fn plain_record() -> impl Strategy<Value = Vec<u8>> {
+            let key = prop_oneof![
+                Just("action"),
+                Just("target"),
+                Just("id"),
+                Just("eventTime"),
+                Just("reason"),
+                Just("reasonCode"),
+                Just("requestData"),
+                Just("a"),
+                Just("b"),
+                Just("\u{e9}"),
+                Just("B"),
+            ];
+            let leaf = prop_oneof![
+                "\"[a-z0-9 :/.\u{e9}\u{4e2d}-]{0,30}\"",
+                any::<i64>().prop_map(|n| n.to_string()),
+                (0u64..1000).prop_map(|n| n.to_string()),
+                Just("-0".to_owned()),
+                Just("2.5".to_owned()),
+                Just("true".to_owned()),
+                Just("null".to_owned()),
+            ];
+            let value = leaf.prop_recursive(4, 32, 5, move |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..5)
+                        .prop_map(|items| format!("[{}]", items.join(" , "))),
+                    proptest::collection::vec((key.clone(), inner), 0..5).prop_map(|members| {
+                        let m: Vec<String> = members
+                            .iter()
+                            .map(|(k, v)| format!("\"{k}\": {v}"))
+                            .collect();
+                        format!("{{{}}}", m.join(", "))
+                    }),
+                ]
+            });
+            let top = prop_oneof![
+                Just("action"),
+                Just("target"),
+                Just("eventTime"),
+                Just("outcome"),
+                Just("reason"),
+                Just("correlationId"),
+                Just("initiator"),
+                Just("requestData"),
+                Just("responseData"),
+                Just("message"),
+            ];
+            proptest::collection::vec((top, value), 0..9).prop_map(|members| {
+                let m: Vec<String> = members
+                    .iter()
+                    .map(|(k, v)| format!("\"{k}\":{v}"))
+                    .collect();
+                format!("{{{}}}", m.join(",")).into_bytes()
+            })
+        }
+
         /// Small damage: bytes that matter to JSON dropped, replaced or inserted.
         fn damaged() -> impl Strategy<Value = Vec<u8>> {
             let special = prop_oneof![
@@ -1784,6 +2191,16 @@ mod tests {
             #[test]
             fn skim_agrees_with_serde_json_on_valid_records(line in record()) {
                 prop_assert_eq!(by_skim(&line), by_serde_json(&line), "on {:?}", String::from_utf8_lossy(&line));
+            }
+
+            #[test]
+            fn canonical_form_is_serde_jsons(line in record()) {
+                check_canonical(&line);
+            }
+
+            #[test]
+            fn canonical_form_is_serde_jsons_on_plain_records(line in plain_record()) {
+                check_canonical(&line);
             }
 
             #[test]
