@@ -22,7 +22,7 @@ use crate::timefmt::Millis;
 use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 pub use model::*;
 use sha2::{Digest as _, Sha256};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 const TIMELINE_LIMIT: usize = 50;
 const CORRELATION_MEMORY: usize = 256;
@@ -337,7 +337,7 @@ impl Engine {
                         clock_overdue_for: None,
                         auth: None,
                         shared_key_alerted: false,
-                        timeline: Vec::new(),
+                        timeline: VecDeque::new(),
                     },
                 );
             }
@@ -1328,17 +1328,16 @@ impl Engine {
 
     fn note(&mut self, crn: &str, ev: &Event, effect: &str) {
         if let Some(d) = self.deployments.get_mut(crn) {
-            d.timeline.push(TimelineEntry {
+            while d.timeline.len() >= TIMELINE_LIMIT {
+                d.timeline.pop_front();
+            }
+            d.timeline.push_back(TimelineEntry {
                 time: ev.time,
                 action: ev.action.clone(),
                 outcome: ev.outcome.as_str().to_owned(),
                 correlation_id: ev.correlation_id.clone(),
                 effect: effect.to_owned(),
             });
-            if d.timeline.len() > TIMELINE_LIMIT {
-                let excess = d.timeline.len() - TIMELINE_LIMIT;
-                d.timeline.drain(..excess);
-            }
             self.dirty.mark(EntityKind::Deployment, crn);
         }
     }

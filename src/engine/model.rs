@@ -3,7 +3,7 @@
 use crate::event::{Initiator, Stamp};
 use crate::timefmt::Millis;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 /// The windows of spec section 2 `[lifecycle]`.
@@ -331,8 +331,10 @@ pub struct DeploymentRecord {
     pub auth: Option<AuthMark>,
     #[serde(default)]
     pub shared_key_alerted: bool,
+    /// The newest entries, oldest first (a ring: a new entry drops the oldest without moving
+    /// the others).
     #[serde(default)]
-    pub timeline: Vec<TimelineEntry>,
+    pub timeline: VecDeque<TimelineEntry>,
 }
 
 /// A remembered IAM authorization policy and what happened to it.
