@@ -155,16 +155,28 @@ impl Worker {
         let store = self.shared.store.clone();
         let mut total = Planned::default();
         loop {
-            // Every alert up to `bound` is committed, and with it the entities it refers to: the
-            // refresh after reading the bound sees them.
+            // Every alert up to `bound` is committed, and with it the entities it refers to: a
+            // refresh after reading the bound sees them. Routing reads only a deployment's labels
+            // and owners, which change with the registry, not with events: the cache is refreshed
+            // when it is older than FRESH_STATE or lacks a deployment an alert names, not for
+            // every planning round (under load that reloaded every changed deployment each time).
             let bound = store.max_alert_seq().await?;
             if bound <= self.known_planned {
                 return Ok((total, None));
             }
-            let (refreshed, tx) = tokio::join!(self.cache.refresh(&store), store.begin_planning());
+            let (refreshed, tx) = tokio::join!(
+                self.cache.refresh_if_older(&store, FRESH_STATE),
+                store.begin_planning()
+            );
             let mut tx = tx?;
             refreshed?;
             let alerts = tx.alerts_after_cursor(bound, PLAN_BATCH).await?;
+            if alerts
+                .iter()
+                .any(|a| self.cache.deployment(&a.deployment).is_none())
+            {
+                self.cache.refresh(&store).await?;
+            }
             let complete = (alerts.len() as i64) < PLAN_BATCH;
             let reached = match alerts.last() {
                 Some(last) if !complete => last.seq,
