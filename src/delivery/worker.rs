@@ -164,12 +164,10 @@ impl Worker {
             if bound <= self.known_planned {
                 return Ok((total, None));
             }
-            let (refreshed, tx) = tokio::join!(
-                self.cache.refresh_if_older(&store, FRESH_STATE),
-                store.begin_planning()
-            );
-            let mut tx = tx?;
-            refreshed?;
+            // Before taking the write lock, not while holding it: a refresh that reads many
+            // changed documents would otherwise keep the event processing waiting.
+            self.cache.refresh_if_older(&store, FRESH_STATE).await?;
+            let mut tx = store.begin_planning().await?;
             let alerts = tx.alerts_after_cursor(bound, PLAN_BATCH).await?;
             if alerts
                 .iter()

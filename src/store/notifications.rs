@@ -21,7 +21,7 @@
 
 use super::{
     alert_from_tuple, json_from_text, query_error, timestamp_from_text, timestamp_text, AlertRow,
-    AlertTuple, Backend, EntityRow, Pool, Store, StoreError, Tx, ROWS_PER_STATEMENT,
+    AlertTuple, Backend, EntityRow, Pool, Store, StoreError, Tx, WriteTurn, ROWS_PER_STATEMENT,
     WRITE_LOCK_TIMEOUT,
 };
 use serde_json::{json, Value};
@@ -112,6 +112,8 @@ pub struct Claim {
 /// [`commit`](PlanTx::commit) rolls everything back.
 pub struct PlanTx<'a> {
     tx: Tx,
+    /// Declared after `tx`: dropped after it.
+    _turn: WriteTurn,
     backend: Backend,
     cursor: i64,
     _store: PhantomData<&'a Store>,
@@ -199,6 +201,7 @@ impl Store {
     /// the cursor until commit or drop.
     pub async fn begin_planning(&self) -> Result<PlanTx<'_>, StoreError> {
         const SELECT_CURSOR: &str = "SELECT planned_seq FROM delivery_cursor WHERE singleton = 1";
+        let turn = self.write_turn().await?;
         let (tx, cursor) = match &self.pool {
             Pool::Sqlite(p) => {
                 let mut t = p
@@ -231,6 +234,7 @@ impl Store {
         };
         Ok(PlanTx {
             tx,
+            _turn: turn,
             backend: self.backend(),
             cursor,
             _store: PhantomData,
@@ -286,6 +290,7 @@ impl Store {
             return Ok((Vec::new(), Vec::new()));
         }
         let begin = query_error("begin recording delivery attempts");
+        let _turn = self.write_turn().await?;
         let mut tx = match &self.pool {
             Pool::Sqlite(p) => Tx::Sqlite(p.begin_with("BEGIN IMMEDIATE").await.map_err(begin)?),
             Pool::Postgres(p) => Tx::Postgres(p.begin().await.map_err(begin)?),
