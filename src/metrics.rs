@@ -116,7 +116,10 @@ impl Metrics {
                 "keywatch_produce_to_commit_seconds",
                 "Time from a record's Kafka timestamp (its production) to the commit of its batch (not in the spec: for latency benchmarks).",
             )
-            .buckets(vec![0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 5.0]),
+            .buckets(vec![
+                0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09,
+                0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.5, 1.0, 5.0,
+            ]),
         )
         .expect("valid metric");
         registry
