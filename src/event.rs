@@ -322,6 +322,16 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The record's `outcome` text, in any case; `Unknown` when absent or not one of the three.
+    fn of(text: Option<&str>) -> Outcome {
+        match text {
+            Some(o) if o.eq_ignore_ascii_case("success") => Outcome::Success,
+            Some(o) if o.eq_ignore_ascii_case("failure") => Outcome::Failure,
+            Some(o) if o.eq_ignore_ascii_case("pending") => Outcome::Pending,
+            _ => Outcome::Unknown,
+        }
+    }
+
     /// The name as serialized (lower case).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -470,12 +480,7 @@ fn from_fields(
                 None => "(missing)".into(),
             },
         })?;
-    let outcome = match field_str(f.outcome).as_deref() {
-        Some(o) if o.eq_ignore_ascii_case("success") => Outcome::Success,
-        Some(o) if o.eq_ignore_ascii_case("failure") => Outcome::Failure,
-        Some(o) if o.eq_ignore_ascii_case("pending") => Outcome::Pending,
-        _ => Outcome::Unknown,
-    };
+    let outcome = Outcome::of(field_str(f.outcome).as_deref());
     // The fast path only sees integers of at most 18 digits, which `i64` holds exactly.
     let reason_code = member(f.reason, b"reasonCode").and_then(|raw| match raw.first() {
         Some(b'"') => field_str(Some(raw)).and_then(|s| s.trim().parse().ok()),
@@ -531,12 +536,7 @@ fn parse_full_value(line: &[u8], class: ActionClass) -> Result<Event, InvalidRea
                 None => "(missing)".into(),
             },
         })?;
-    let outcome = match obj.get("outcome").and_then(Value::as_str) {
-        Some(o) if o.eq_ignore_ascii_case("success") => Outcome::Success,
-        Some(o) if o.eq_ignore_ascii_case("failure") => Outcome::Failure,
-        Some(o) if o.eq_ignore_ascii_case("pending") => Outcome::Pending,
-        _ => Outcome::Unknown,
-    };
+    let outcome = Outcome::of(obj.get("outcome").and_then(Value::as_str));
     let reason_code = value_at(&value, &["reason", "reasonCode"]).and_then(|v| match v {
         Value::Number(n) => n.as_i64(),
         Value::String(s) => s.trim().parse().ok(),
