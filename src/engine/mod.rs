@@ -578,7 +578,9 @@ impl Engine {
             Ok(s) => s,
             Err(reason) => return Disposition::Invalid(reason),
         };
-        if let Some(t) = skim.event_time.as_deref().and_then(Millis::parse) {
+        // Parsed once: for the latest time seen, and below for the record itself.
+        let event_time = skim.event_time.as_deref().and_then(Millis::parse);
+        if let Some(t) = event_time {
             if self.latest_event_time.is_none_or(|l| t > l) {
                 self.latest_event_time = Some(t);
             }
@@ -608,7 +610,7 @@ impl Engine {
                 else {
                     return Disposition::Ignored;
                 };
-                let Some(time) = skim.event_time.as_deref().and_then(Millis::parse) else {
+                let Some(time) = event_time else {
                     return Disposition::Ignored;
                 };
                 // Most such events confirm nothing: their correlation id is new for the deployment
@@ -618,12 +620,16 @@ impl Engine {
                 if corr.is_empty() {
                     return Disposition::Ignored;
                 }
-                if !self.deployments[&dep]
-                    .confirmed_correlations
-                    .contains_key(corr)
-                    && !self.is_rotation_correlation(&dep, corr)
-                {
-                    self.remember_correlation(&dep, corr, time);
+                // One lookup of the deployment for both the check and the remembering.
+                let rotation = self.is_rotation_correlation(&dep, corr);
+                let Some(rec) = self.deployments.get_mut(&dep) else {
+                    return Disposition::Ignored;
+                };
+                if !rotation && !rec.confirmed_correlations.contains_key(corr) {
+                    remember_correlation(rec, corr, time);
+                    self.dirty.mark_with(EntityKind::Correlation, || {
+                        correlation_entity_id(&dep, corr)
+                    });
                     return Disposition::Ignored;
                 }
                 let Ok(ev) = event::parse_full(line, class) else {
@@ -642,7 +648,7 @@ impl Engine {
         else {
             return Disposition::Invalid(InvalidReason::NoTarget(action.to_owned()));
         };
-        if skim.event_time.as_deref().and_then(Millis::parse).is_none() {
+        if event_time.is_none() {
             return Disposition::Invalid(InvalidReason::BadTime {
                 action: action.to_owned(),
                 time: skim.event_time.as_deref().unwrap_or("(missing)").to_owned(),
