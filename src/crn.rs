@@ -26,29 +26,31 @@ pub enum CrnError {
 impl Crn {
     pub fn parse(text: &str) -> Result<Crn, CrnError> {
         let text = text.trim();
-        let mut parts = text.splitn(10, ':');
-        let mut next = || parts.next().map(str::to_owned);
-        let (Some(crn), Some(version)) = (next(), next()) else {
-            return Err(CrnError::Malformed(text.to_owned()));
-        };
-        if !crn.eq_ignore_ascii_case("crn") || !version.eq_ignore_ascii_case("v1") {
+        // The ten segments as slices first: nothing is allocated for a text that is not a CRN.
+        let mut parts = [""; 10];
+        let mut n = 0;
+        for part in text.splitn(10, ':') {
+            parts[n] = part;
+            n += 1;
+        }
+        let [crn, version, cloud, cloud_type, service, location, scope, instance, resource_type, resource] =
+            parts;
+        if n != 10
+            || !crn.eq_ignore_ascii_case("crn")
+            || !version.eq_ignore_ascii_case("v1")
+            || service.is_empty()
+        {
             return Err(CrnError::Malformed(text.to_owned()));
         }
-        let fields: Vec<String> = std::iter::from_fn(next).collect();
-        if fields.len() != 8 || fields[2].is_empty() {
-            return Err(CrnError::Malformed(text.to_owned()));
-        }
-        let mut f = fields.into_iter();
-        let mut take = || f.next().unwrap_or_default();
         Ok(Crn {
-            cloud: take(),
-            cloud_type: take(),
-            service: take().to_ascii_lowercase(),
-            location: take(),
-            scope: take(),
-            instance: take(),
-            resource_type: take(),
-            resource: take(),
+            cloud: cloud.to_owned(),
+            cloud_type: cloud_type.to_owned(),
+            service: service.to_ascii_lowercase(),
+            location: location.to_owned(),
+            scope: scope.to_owned(),
+            instance: instance.to_owned(),
+            resource_type: resource_type.to_owned(),
+            resource: resource.to_owned(),
         })
     }
 

@@ -94,7 +94,16 @@ impl<'de> Deserialize<'de> for Millis {
 /// Parses `YYYY-MM-DDTHH:MM:SS[.fraction](Z|+HHMM|+HH:MM|-HHMM|-HH:MM)`; `T` may be a space and `Z`
 /// lower case. Fractions of any length are accepted and truncated to milliseconds.
 pub fn parse_event_time(text: &str) -> Option<Millis> {
-    let b = text.trim().as_bytes();
+    // `trim` decodes characters from both ends; a text that starts and ends with a printable
+    // ASCII byte has nothing to trim (every white space character is below b'!' or above 0x7f).
+    let b = match (text.as_bytes().first(), text.as_bytes().last()) {
+        (Some(&first), Some(&last))
+            if (b'!'..0x80).contains(&first) && (b'!'..0x80).contains(&last) =>
+        {
+            text.as_bytes()
+        }
+        _ => text.trim().as_bytes(),
+    };
     if b.len() < 19 {
         return None;
     }
@@ -224,6 +233,9 @@ mod tests {
             "2026-08-20T08:03:11.520-0600",
             "2026-08-20 14:03:11.520000000Z",
             "2026-08-20T16:03:11.52+02",
+            // Surrounding white space, ASCII or not, is trimmed.
+            " 2026-08-20T14:03:11.520Z\t",
+            "\u{a0}2026-08-20T14:03:11.520Z\u{2003}",
         ];
         let want = parse_event_time(forms[0]).unwrap();
         for f in forms {
