@@ -620,16 +620,12 @@ impl Engine {
                 if corr.is_empty() {
                     return Disposition::Ignored;
                 }
-                // One lookup of the deployment for both the check and the remembering.
-                let rotation = self.is_rotation_correlation(&dep, corr);
-                let Some(rec) = self.deployments.get_mut(&dep) else {
-                    return Disposition::Ignored;
-                };
-                if !rotation && !rec.confirmed_correlations.contains_key(corr) {
-                    remember_correlation(rec, corr, time);
-                    self.dirty.mark_with(EntityKind::Correlation, || {
-                        correlation_entity_id(&dep, corr)
-                    });
+                if !self.deployments[&dep]
+                    .confirmed_correlations
+                    .contains_key(corr)
+                    && !self.is_rotation_correlation(&dep, corr)
+                {
+                    self.remember_correlation(&dep, corr, time);
                     return Disposition::Ignored;
                 }
                 let Ok(ev) = event::parse_full(line, class) else {
