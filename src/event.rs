@@ -254,17 +254,18 @@ impl EventDigest {
         let mut h = Sha256::new();
         // Writing a Value into an infallible writer cannot fail.
         let _ = serde_json::to_writer(&mut h, v);
-        let hash = h.finalize();
-        let mut d = [0u8; 16];
-        d.copy_from_slice(&hash[..16]);
-        EventDigest(d)
+        EventDigest::finish(h)
     }
 
     /// The digest of a record's canonical serialization (what [`EventDigest::of_value`] hashes).
     pub fn of_canonical(bytes: &[u8]) -> EventDigest {
-        let hash = Sha256::digest(bytes);
+        EventDigest::finish(Sha256::new_with_prefix(bytes))
+    }
+
+    /// The first 128 bits of the hash.
+    fn finish(h: Sha256) -> EventDigest {
         let mut d = [0u8; 16];
-        d.copy_from_slice(&hash[..16]);
+        d.copy_from_slice(&h.finalize()[..16]);
         EventDigest(d)
     }
 
