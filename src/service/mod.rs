@@ -30,6 +30,10 @@ use tokio_util::sync::CancellationToken;
 pub const MAX_BATCH: usize = 2000;
 /// How often deadlines are evaluated on the wall clock.
 pub const TICK_INTERVAL: Duration = Duration::from_secs(5);
+/// Batches are pipelined (the next one is applied while the previous one commits) once no other
+/// writer has been seen in the store for this long; until then every batch holds the write lock
+/// from loading what the others wrote to its commit.
+pub const SOLO_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -104,13 +108,61 @@ impl EngineHandle {
     }
 }
 
+/// Records taken from the consumer in one go, applied and committed together.
+struct Batch {
+    records: Vec<OwnedMessage>,
+    received: Instant,
+}
+
+/// A batch applied to the engine: its effects, the progress to store with them, and what
+/// follows its commit.
+struct Applied {
+    effects: persist::Effects,
+    offsets: Vec<PartitionOffset>,
+    /// Alerts the store did not hold yet (known once written).
+    new_alerts: usize,
+    outcome: Outcome,
+}
+
+struct Outcome {
+    /// Next offset to read per partition once the batch is committed.
+    next: BTreeMap<(String, i32), i64>,
+    /// Invalid records: position in the batch and reason.
+    dead: Vec<(usize, String)>,
+    /// Records applied, ignored, duplicate, invalid.
+    counts: [u64; 4],
+}
+
+/// The outcome of a background transaction.
+enum Committed {
+    Done {
+        seq: i64,
+        new_alerts: usize,
+        effects: persist::Effects,
+    },
+    /// Another writer committed first: nothing was written.
+    Conflict,
+}
+
+/// A batch whose store transaction runs on another task while the loop applies the next one.
+struct InFlight {
+    batch: Batch,
+    outcome: Outcome,
+    task: tokio::task::JoinHandle<Result<Committed, PersistError>>,
+}
+
 struct Processor {
     settings: Settings,
     store: Store,
     engine: Engine,
     seq: i64,
-    /// Next offset to process per (topic, partition), as persisted.
+    /// Next offset to process per (topic, partition): applied to the engine, possibly not yet
+    /// committed.
     progress: BTreeMap<(String, i32), i64>,
+    /// Next offset per (topic, partition) as committed by this instance.
+    committed: BTreeMap<(String, i32), i64>,
+    /// When another writer's commit was last seen (see [`SOLO_AFTER`]).
+    foreign_at: Option<Instant>,
     dlq: Option<(FutureProducer, String)>,
     shared: Arc<Shared>,
 }
@@ -131,6 +183,8 @@ pub async fn run(
         engine: loaded.engine,
         seq: loaded.seq,
         progress: BTreeMap::new(),
+        committed: BTreeMap::new(),
+        foreign_at: None,
         dlq: None,
         shared: health.clone(),
     };
@@ -155,15 +209,19 @@ pub async fn run(
     let mut ticker =
         tokio::time::interval_at(tokio::time::Instant::now() + TICK_INTERVAL, TICK_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The batch whose store transaction runs on another task while this loop applies the next.
+    let mut inflight: Option<InFlight> = None;
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(req) = requests.recv() => {
+                p.settle(&mut inflight, &consumer, &shutdown).await?;
                 p.serve(req, &shutdown).await?;
                 continue;
             }
             m = consumer.recv() => m,
             _ = ticker.tick() => {
+                p.settle(&mut inflight, &consumer, &shutdown).await?;
                 p.tick_with_retry(&shutdown).await?;
                 continue;
             }
@@ -191,34 +249,33 @@ pub async fn run(
             }
         }
         if health.consumer.reassigned.swap(false, Ordering::SeqCst) {
+            p.settle(&mut inflight, &consumer, &shutdown).await?;
             p.reload_progress().await?;
         }
-        let next = p.process_with_retry(&batch, &shutdown).await?;
-        health.batches.fetch_add(1, Ordering::Relaxed);
-        health.metrics.batch_records.observe(batch.len() as f64);
-        let took = received.elapsed().as_secs_f64();
-        let committed_at = Millis::now();
-        for m in &batch {
-            health.metrics.processing.observe(took);
-            if let Some(ms) = m.timestamp().to_millis() {
-                health
-                    .metrics
-                    .produce_to_commit
-                    .observe(((committed_at.0 - ms) as f64 / 1000.0).max(0.0));
-            }
+        let batch = Batch {
+            records: batch,
+            received,
+        };
+        if !p.pipelining() {
+            p.settle(&mut inflight, &consumer, &shutdown).await?;
+            let applied = p.process_with_retry(&batch.records, &shutdown).await?;
+            p.after_commit(&consumer, &batch, applied).await;
+            continue;
         }
-        // `next` holds the next offset to read. `store_offset` would store offset + 1 (librdkafka's
-        // rd_kafka_offset_store semantics); a partition list is stored exactly as given.
-        for ((topic, partition), offset) in next {
-            let mut tpl = rdkafka::TopicPartitionList::new();
-            let stored = tpl
-                .add_partition_offset(&topic, partition, rdkafka::Offset::Offset(offset))
-                .and_then(|_| consumer.store_offsets(&tpl));
-            if let Err(e) = stored {
-                tracing::debug!(error = %e, topic, partition, "offset not stored (partition revoked?)");
-            }
+        // Pipelined: apply this batch now, while the previous one commits on another task.
+        let applied = p.apply(&batch.records);
+        p.advance(&applied.outcome.next);
+        let failed = match inflight.take() {
+            Some(previous) => p.finish(previous, &consumer).await?.err(),
+            None => None,
+        };
+        match failed {
+            None => inflight = Some(p.commit_in_background(batch, applied)),
+            // The previous batch did not commit, and this one was applied on top of it.
+            Some(previous) => p.redo(vec![previous, batch], &consumer, &shutdown).await?,
         }
     }
+    p.settle(&mut inflight, &consumer, &shutdown).await?;
     tracing::info!("shutting down: evaluating deadlines and committing offsets");
     if let Err(e) = p.tick_with_retry(&shutdown).await {
         tracing::warn!(error = %e, "final deadline check failed");
@@ -337,11 +394,11 @@ impl Processor {
         &mut self,
         batch: &[OwnedMessage],
         shutdown: &CancellationToken,
-    ) -> Result<BTreeMap<(String, i32), i64>, ServiceError> {
+    ) -> Result<Applied, ServiceError> {
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.process(batch).await {
-                Ok(next) => return Ok(next),
+                Ok(applied) => return Ok(applied),
                 Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
                     self.shared.store_ok.store(false, Ordering::SeqCst);
                     tracing::warn!(error = %e, retry_in = ?backoff, "store unavailable; retrying the batch");
@@ -362,22 +419,37 @@ impl Processor {
         Ok(())
     }
 
-    /// Applies one batch in one transaction; returns the next offset to store per partition.
-    async fn process(
-        &mut self,
-        batch: &[OwnedMessage],
-    ) -> Result<BTreeMap<(String, i32), i64>, PersistError> {
-        let mut tx = self.store.begin().await?;
-        persist::sync(&mut tx, &mut self.engine, self.seq).await?;
-        // Another instance may have processed these partitions before a rebalance.
-        let k = &self.settings.kafka;
+    /// Whether the next batch may be applied before the previous one committed: only while no
+    /// other writer shares the store (see [`SOLO_AFTER`]).
+    fn pipelining(&self) -> bool {
+        self.foreign_at.is_none_or(|t| t.elapsed() >= SOLO_AFTER)
+    }
+
+    /// Applies one batch in one transaction, holding the write lock throughout (after loading
+    /// what other writers committed).
+    async fn process(&mut self, batch: &[OwnedMessage]) -> Result<Applied, PersistError> {
+        let store = self.store.clone(); // the transaction borrows it while `apply` borrows self
+        let mut tx = store.begin().await?;
+        if persist::sync(&mut tx, &mut self.engine, self.seq).await? {
+            self.foreign_at = Some(Instant::now());
+        }
+        let mut applied = self.apply(batch);
+        applied.new_alerts =
+            persist::write_effects(&mut tx, &applied.effects, &applied.offsets).await?;
+        self.seq = tx.commit().await?;
+        Ok(applied)
+    }
+
+    /// Applies one batch to the engine (no IO): records below the progress of their partition
+    /// are skipped, deadlines are evaluated, and the effects are taken out of the engine.
+    fn apply(&mut self, batch: &[OwnedMessage]) -> Applied {
         // Per partition of the batch: (topic, partition) and the next offset to store. A batch
         // holds a handful of partitions, so a short vector beats a map keyed by owned strings.
         let mut parts: Vec<((&str, i32), i64)> = Vec::new();
         let mut dead = Vec::new();
-        // [applied, ignored, duplicate, invalid], added to the metrics once per batch.
+        // [applied, ignored, duplicate, invalid], added to the metrics once the batch committed.
         let mut counts = [0u64; 4];
-        for m in batch {
+        for (i, m) in batch.iter().enumerate() {
             let tp = (m.topic(), m.partition());
             let slot = match parts.iter().position(|(p, _)| *p == tp) {
                 Some(i) => i,
@@ -417,20 +489,8 @@ impl Processor {
                 Disposition::Invalid(reason) => {
                     counts[3] += 1;
                     tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), %reason, "invalid record");
-                    dead.push((m, reason.to_string()));
+                    dead.push((i, reason.to_string()));
                 }
-            }
-        }
-        for (n, result) in counts
-            .iter()
-            .zip(["applied", "ignored", "duplicate", "invalid"])
-        {
-            if *n > 0 {
-                self.shared
-                    .metrics
-                    .events
-                    .with_label_values(&[result])
-                    .inc_by(*n);
             }
         }
         let next: BTreeMap<(String, i32), i64> = parts
@@ -440,7 +500,7 @@ impl Processor {
         let offsets: Vec<PartitionOffset> = next
             .iter()
             .map(|((topic, partition), o)| PartitionOffset {
-                group: k.group_id.clone(),
+                group: self.settings.kafka.group_id.clone(),
                 topic: topic.clone(),
                 partition: *partition,
                 next_offset: *o,
@@ -449,28 +509,213 @@ impl Processor {
         // Deadlines are evaluated with every batch too, so that the persisted state is current
         // whenever a batch commits (the 5 s tick covers quiet periods).
         self.engine.tick(Millis::now());
-        let (new_alerts, alerts) = persist::write(&mut tx, &mut self.engine, &offsets).await?;
-        self.seq = tx.commit().await?;
-        self.shared.store_ok.store(true, Ordering::SeqCst);
-        self.count_alerts(&alerts);
-        if new_alerts > 0 {
-            tracing::info!(alerts = new_alerts, "alerts stored");
+        Applied {
+            effects: persist::take(&mut self.engine),
+            offsets,
+            new_alerts: 0,
+            outcome: Outcome { next, dead, counts },
         }
-        for (tp, o) in &next {
-            self.progress.insert(tp.clone(), *o);
+    }
+
+    /// Records that the records up to `next` are applied to the engine (not yet committed).
+    fn advance(&mut self, next: &BTreeMap<(String, i32), i64>) {
+        for (tp, o) in next {
+            let e = self.progress.entry(tp.clone()).or_insert(*o);
+            *e = (*e).max(*o);
         }
-        self.dead_letter(&dead).await;
-        Ok(next)
+    }
+
+    /// Starts the store transaction of a batch already applied to the engine. It writes only if
+    /// no other writer committed since this instance's last transaction; otherwise it writes
+    /// nothing and reports a conflict (the engine applied the batch to an outdated state).
+    fn commit_in_background(&self, batch: Batch, applied: Applied) -> InFlight {
+        let store = self.store.clone();
+        let expected = self.seq;
+        let Applied {
+            effects,
+            offsets,
+            outcome,
+            ..
+        } = applied;
+        let task = tokio::spawn(async move {
+            let mut tx = store.begin().await?;
+            if tx.seq() != expected {
+                tx.rollback().await?;
+                return Ok(Committed::Conflict);
+            }
+            let new_alerts = persist::write_effects(&mut tx, &effects, &offsets).await?;
+            let seq = tx.commit().await?;
+            Ok(Committed::Done {
+                seq,
+                new_alerts,
+                effects,
+            })
+        });
+        InFlight {
+            batch,
+            outcome,
+            task,
+        }
+    }
+
+    /// Waits for a batch's background transaction. Committed: its bookkeeping is done. Not
+    /// committed (conflict or store failure): the batch is handed back to be applied again.
+    async fn finish(
+        &mut self,
+        f: InFlight,
+        consumer: &StreamConsumer<KeywatchContext>,
+    ) -> Result<Result<(), Batch>, ServiceError> {
+        let committed = match f.task.await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => return Ok(Err(f.batch)), // cancelled: the runtime is shutting down
+        };
+        match committed {
+            Ok(Committed::Done {
+                seq,
+                new_alerts,
+                effects,
+            }) => {
+                self.seq = seq;
+                let applied = Applied {
+                    effects,
+                    offsets: Vec::new(),
+                    new_alerts,
+                    outcome: f.outcome,
+                };
+                self.after_commit(consumer, &f.batch, applied).await;
+                Ok(Ok(()))
+            }
+            Ok(Committed::Conflict) => {
+                tracing::info!("another writer shares the store: applying batches under its lock");
+                self.foreign_at = Some(Instant::now());
+                Ok(Err(f.batch))
+            }
+            Err(e) if e.is_transient() => {
+                self.shared.store_ok.store(false, Ordering::SeqCst);
+                tracing::warn!(error = %e, "store unavailable; retrying the batch");
+                Ok(Err(f.batch))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits for the batch in flight, if any, and applies it again if it did not commit.
+    async fn settle(
+        &mut self,
+        inflight: &mut Option<InFlight>,
+        consumer: &StreamConsumer<KeywatchContext>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ServiceError> {
+        if let Some(f) = inflight.take() {
+            if let Err(batch) = self.finish(f, consumer).await? {
+                self.redo(vec![batch], consumer, shutdown).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a batch that did not commit: reloads the engine and the progress from the store
+    /// (dropping every uncommitted effect) and applies `batches` again, in order, under the lock.
+    async fn redo(
+        &mut self,
+        batches: Vec<Batch>,
+        consumer: &StreamConsumer<KeywatchContext>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ServiceError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.reload().await {
+                Ok(()) => break,
+                Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.progress = self.committed.clone();
+        self.reload_progress().await?;
+        for batch in batches {
+            let applied = self.process_with_retry(&batch.records, shutdown).await?;
+            self.after_commit(consumer, &batch, applied).await;
+        }
+        Ok(())
+    }
+
+    /// Everything that follows a batch's commit: metrics, progress, dead letters, and the
+    /// Kafka offsets (stored only now that the batch is durable).
+    async fn after_commit(
+        &mut self,
+        consumer: &StreamConsumer<KeywatchContext>,
+        batch: &Batch,
+        applied: Applied,
+    ) {
+        let shared = self.shared.clone();
+        shared.store_ok.store(true, Ordering::SeqCst);
+        for (n, result) in
+            applied
+                .outcome
+                .counts
+                .iter()
+                .zip(["applied", "ignored", "duplicate", "invalid"])
+        {
+            if *n > 0 {
+                shared
+                    .metrics
+                    .events
+                    .with_label_values(&[result])
+                    .inc_by(*n);
+            }
+        }
+        self.count_alerts(&applied.effects.alerts);
+        if applied.new_alerts > 0 {
+            tracing::info!(alerts = applied.new_alerts, "alerts stored");
+        }
+        self.advance(&applied.outcome.next);
+        for (tp, o) in &applied.outcome.next {
+            self.committed.insert(tp.clone(), *o);
+        }
+        self.dead_letter(&batch.records, &applied.outcome.dead)
+            .await;
+        shared.batches.fetch_add(1, Ordering::Relaxed);
+        shared
+            .metrics
+            .batch_records
+            .observe(batch.records.len() as f64);
+        let took = batch.received.elapsed().as_secs_f64();
+        let committed_at = Millis::now();
+        for m in &batch.records {
+            shared.metrics.processing.observe(took);
+            if let Some(ms) = m.timestamp().to_millis() {
+                shared
+                    .metrics
+                    .produce_to_commit
+                    .observe(((committed_at.0 - ms) as f64 / 1000.0).max(0.0));
+            }
+        }
+        // `next` holds the next offset to read. `store_offset` would store offset + 1 (librdkafka's
+        // rd_kafka_offset_store semantics); a partition list is stored exactly as given.
+        for ((topic, partition), offset) in &applied.outcome.next {
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            let stored = tpl
+                .add_partition_offset(topic, *partition, rdkafka::Offset::Offset(*offset))
+                .and_then(|_| consumer.store_offsets(&tpl));
+            if let Err(e) = stored {
+                tracing::debug!(error = %e, topic, partition, "offset not stored (partition revoked?)");
+            }
+        }
     }
 
     /// Sends invalid records to the dead-letter topic, with the reason and origin as headers.
     /// Best effort after the batch is durable: a failure is logged (the record is counted invalid
     /// and logged with its position either way).
-    async fn dead_letter(&self, dead: &[(&OwnedMessage, String)]) {
+    async fn dead_letter(&self, batch: &[OwnedMessage], dead: &[(usize, String)]) {
         let Some((producer, topic)) = &self.dlq else {
             return;
         };
-        for (m, reason) in dead {
+        for (i, reason) in dead {
+            let m = &batch[*i];
             let partition = m.partition().to_string();
             let offset = m.offset().to_string();
             let headers = OwnedHeaders::new()

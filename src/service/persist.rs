@@ -70,16 +70,21 @@ fn apply_row(
 }
 
 /// Brings `engine` up to date with what others committed since `seq` (inside `tx`, so complete).
-pub async fn sync(tx: &mut StoreTx<'_>, engine: &mut Engine, seq: i64) -> Result<(), PersistError> {
+/// Returns whether there was anything (another writer committed since `seq`).
+pub async fn sync(
+    tx: &mut StoreTx<'_>,
+    engine: &mut Engine,
+    seq: i64,
+) -> Result<bool, PersistError> {
     let rows = tx.changes_since(seq).await?;
     if rows.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     for row in rows {
         apply_row(engine, &row.kind, &row.id, row.doc)?;
     }
     engine.finish_loading();
-    Ok(())
+    Ok(true)
 }
 
 /// Registers the configured deployments and authorizations (new ones raise `shared_key`).
@@ -103,6 +108,21 @@ pub fn register_configured(engine: &mut Engine, settings: &Settings) -> Result<(
     Ok(())
 }
 
+/// One batch's effects, taken out of the engine: the changed entities (serialized) and the new
+/// alerts. Written by [`write_effects`], possibly on another task while the engine goes on.
+pub struct Effects {
+    changes: Vec<Change>,
+    pub alerts: Vec<Alert>,
+}
+
+/// Takes the engine's pending changes and alerts.
+pub fn take(engine: &mut Engine) -> Effects {
+    Effects {
+        changes: engine.take_changes(),
+        alerts: engine.take_alerts(),
+    }
+}
+
 /// Writes the engine's pending changes and alerts, and the given Kafka progress, into `tx`.
 /// Returns the number of new alerts.
 pub async fn write(
@@ -110,17 +130,27 @@ pub async fn write(
     engine: &mut Engine,
     offsets: &[PartitionOffset],
 ) -> Result<(usize, Vec<Alert>), PersistError> {
-    let changes: Vec<Change> = engine.take_changes();
-    let alerts = engine.take_alerts();
-    if !changes.is_empty() {
-        let rows: Vec<(&str, String, String)> = changes
-            .into_iter()
-            .map(|c| (c.kind.as_str(), c.id, c.doc))
+    let effects = take(engine);
+    let inserted = write_effects(tx, &effects, offsets).await?;
+    Ok((inserted, effects.alerts))
+}
+
+/// Writes `effects` and the given Kafka progress into `tx`; returns the number of new alerts.
+pub async fn write_effects(
+    tx: &mut StoreTx<'_>,
+    effects: &Effects,
+    offsets: &[PartitionOffset],
+) -> Result<usize, PersistError> {
+    if !effects.changes.is_empty() {
+        let rows: Vec<(&str, &str, &str)> = effects
+            .changes
+            .iter()
+            .map(|c| (c.kind.as_str(), c.id.as_str(), c.doc.as_str()))
             .collect();
         tx.put_entity_texts(&rows).await?;
     }
     let now = time::OffsetDateTime::now_utc();
-    let new: Vec<NewAlert> = alerts.iter().map(|a| new_alert(a, now)).collect();
+    let new: Vec<NewAlert> = effects.alerts.iter().map(|a| new_alert(a, now)).collect();
     let inserted = if new.is_empty() {
         0
     } else {
@@ -129,7 +159,7 @@ pub async fn write(
     if !offsets.is_empty() {
         tx.save_offsets(offsets).await?;
     }
-    Ok((inserted, alerts))
+    Ok(inserted)
 }
 
 fn new_alert(a: &Alert, now: time::OffsetDateTime) -> NewAlert {

@@ -591,15 +591,20 @@ impl StoreTx<'_> {
     ) -> Result<i64, StoreError> {
         let texts = rows
             .iter()
-            .map(|(kind, id, doc)| Ok((kind.as_str(), id.clone(), json_text(doc)?)))
+            .map(|(kind, _, doc)| Ok((kind.as_str(), json_text(doc)?)))
             .collect::<Result<Vec<_>, StoreError>>()?;
-        self.put_entity_texts(&texts).await
+        let refs: Vec<(&str, &str, &str)> = texts
+            .iter()
+            .zip(rows)
+            .map(|((kind, doc), (_, id, _))| (*kind, id.as_str(), doc.as_str()))
+            .collect();
+        self.put_entity_texts(&refs).await
     }
 
     /// [`put_entities`](StoreTx::put_entities) with documents already serialized as JSON text.
     pub async fn put_entity_texts(
         &mut self,
-        rows: &[(&str, String, String)],
+        rows: &[(&str, &str, &str)],
     ) -> Result<i64, StoreError> {
         if rows.is_empty() {
             return Ok(self.seq());
@@ -607,7 +612,7 @@ impl StoreTx<'_> {
         // The last document of an entity wins.
         let mut unique: BTreeMap<(&str, &str), &str> = BTreeMap::new();
         for (kind, id, doc) in rows {
-            unique.insert((kind, id.as_str()), doc.as_str());
+            unique.insert((kind, id), doc);
         }
         let seq = self.write_seq().await?;
         let failed = query_error("write entities");
