@@ -48,6 +48,9 @@ impl StateCache {
                 }
             }
             self.engine.finish_loading();
+            // Nothing is written from this engine: only forget what loading noted for writing.
+            self.engine.convert_loaded_timelines();
+            self.engine.clear_changes();
         }
         self.seq = self.seq.max(seq);
         self.refreshed_at = Some(started);

@@ -49,6 +49,8 @@ pub enum EntityKind {
     /// A correlation id a deployment confirmed (one small row each, so that remembering one does
     /// not rewrite the deployment's document).
     Correlation,
+    /// One entry of a deployment's timeline, in one of its 50 slots (id `["<deployment>", slot]`).
+    Timeline,
 }
 
 impl EntityKind {
@@ -60,6 +62,7 @@ impl EntityKind {
             EntityKind::Event => "event",
             EntityKind::Stats => "stats",
             EntityKind::Correlation => "correlation",
+            EntityKind::Timeline => "timeline",
         }
     }
 
@@ -71,6 +74,7 @@ impl EntityKind {
             EntityKind::Event,
             EntityKind::Stats,
             EntityKind::Correlation,
+            EntityKind::Timeline,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -256,6 +260,11 @@ pub struct Engine {
     deployment_index: HashMap<String, DeploymentIndex>,
     /// Loaded correlation rows whose deployment was not loaded yet.
     pending_correlations: Vec<CorrelationDoc>,
+    /// Loaded timeline rows, placed by `finish_loading`.
+    pending_timeline: Vec<TimelineRow>,
+    /// Deployments whose timeline was read from their document (written before timeline rows
+    /// existed), to be written as rows (see [`Engine::convert_loaded_timelines`]).
+    legacy_timelines: Vec<String>,
     alerts: Vec<Alert>,
     dirty: Dirty,
     lower_buf: String,
@@ -278,6 +287,8 @@ impl Engine {
             deployment_by_target: HashMap::new(),
             deployment_index: HashMap::new(),
             pending_correlations: Vec::new(),
+            pending_timeline: Vec::new(),
+            legacy_timelines: Vec::new(),
             alerts: Vec::new(),
             dirty: Dirty::default(),
             lower_buf: String::new(),
@@ -338,6 +349,7 @@ impl Engine {
                         auth: None,
                         shared_key_alerted: false,
                         timeline: VecDeque::new(),
+                        timeline_next: 0,
                     },
                 );
             }
@@ -1333,7 +1345,10 @@ impl Engine {
             while d.timeline.len() >= TIMELINE_LIMIT {
                 d.timeline.pop_front();
             }
+            let n = d.timeline_next;
+            d.timeline_next += 1;
             d.timeline.push_back(TimelineEntry {
+                n,
                 time: ev.time,
                 action: ev.action.clone(),
                 outcome: ev.outcome.as_str().to_owned(),
@@ -1341,6 +1356,8 @@ impl Engine {
                 effect: effect.to_owned(),
             });
             self.dirty.mark(EntityKind::Deployment, crn);
+            self.dirty
+                .mark_with(EntityKind::Timeline, || timeline_entity_id(crn, n));
         }
     }
 
@@ -1384,6 +1401,21 @@ impl Engine {
                             time,
                         })
                     }
+                    EntityKind::Timeline => {
+                        let (deployment, slot): (String, u64) = serde_json::from_str(&id).ok()?;
+                        let entry = self
+                            .deployments
+                            .get(&deployment)?
+                            .timeline
+                            .iter()
+                            .rev()
+                            .find(|e| e.n % TIMELINE_LIMIT as u64 == slot)?;
+                        serde_json::to_string(&TimelineRowRef {
+                            deployment: &deployment,
+                            n: entry.n,
+                            entry,
+                        })
+                    }
                 }
                 .ok()?;
                 Some(Change { kind, id, doc })
@@ -1420,12 +1452,24 @@ impl Engine {
             }
             EntityKind::Deployment => {
                 let mut rec: DeploymentRecord = serde_json::from_value(doc)?;
-                // Remembered correlations are rows of their own (older documents carried them):
-                // keep those already loaded.
-                if let Some(old) = self.deployments.remove(id) {
-                    for (c, t) in old.confirmed_correlations {
-                        remember_correlation(&mut rec, &c, t);
+                // Remembered correlations and the timeline are rows of their own (older documents
+                // carried them): keep those already loaded.
+                match self.deployments.remove(id) {
+                    Some(old) => {
+                        for (c, t) in old.confirmed_correlations {
+                            remember_correlation(&mut rec, &c, t);
+                        }
+                        rec.timeline = old.timeline;
+                        rec.timeline_next = old.timeline_next;
                     }
+                    None if !rec.timeline.is_empty() => {
+                        for (i, e) in rec.timeline.iter_mut().enumerate() {
+                            e.n = i as u64;
+                        }
+                        rec.timeline_next = rec.timeline.len() as u64;
+                        self.legacy_timelines.push(id.to_owned());
+                    }
+                    None => {}
                 }
                 self.deployments.insert(id.to_owned(), rec);
             }
@@ -1446,8 +1490,25 @@ impl Engine {
                     None => self.pending_correlations.push(c),
                 }
             }
+            EntityKind::Timeline => self.pending_timeline.push(serde_json::from_value(doc)?),
         }
         Ok(())
+    }
+
+    /// Marks the timelines read from deployment documents (written before timeline rows existed)
+    /// as changed, so that the next transaction stores them as rows and rewrites the documents
+    /// without them. Call after loading (and after clearing the changes loading made).
+    pub fn convert_loaded_timelines(&mut self) {
+        for crn in std::mem::take(&mut self.legacy_timelines) {
+            let Some(rec) = self.deployments.get(&crn) else {
+                continue;
+            };
+            for e in &rec.timeline {
+                let id = timeline_entity_id(&crn, e.n);
+                self.dirty.mark(EntityKind::Timeline, id);
+            }
+            self.dirty.mark(EntityKind::Deployment, &crn);
+        }
     }
 
     /// Call after a series of `load_entity`.
@@ -1455,6 +1516,13 @@ impl Engine {
         for c in std::mem::take(&mut self.pending_correlations) {
             if let Some(rec) = self.deployments.get_mut(&c.deployment) {
                 remember_correlation(rec, &c.correlation, c.time);
+            }
+        }
+        let mut rows = std::mem::take(&mut self.pending_timeline);
+        rows.sort_by(|a, b| (&a.deployment, a.n).cmp(&(&b.deployment, b.n)));
+        for row in rows {
+            if let Some(rec) = self.deployments.get_mut(&row.deployment) {
+                place_timeline_entry(rec, row.n, row.entry);
             }
         }
         self.rebuild_indexes();
@@ -1497,6 +1565,42 @@ fn key_entity_id(identity: &KeyIdentity) -> String {
         identity.instance,
         identity.key_id
     )
+}
+
+/// The store id of a deployment's timeline entry `n`: the JSON array `[deployment, slot]` with
+/// slot `n % 50`, so that a new entry overwrites the row of the entry it pushes out.
+fn timeline_entity_id(dep: &str, n: u64) -> String {
+    serde_json::to_string(&(dep, n % TIMELINE_LIMIT as u64)).unwrap_or_default()
+}
+
+/// The document of a stored timeline entry.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct TimelineRow {
+    deployment: String,
+    n: u64,
+    entry: TimelineEntry,
+}
+
+#[derive(serde::Serialize)]
+struct TimelineRowRef<'a> {
+    deployment: &'a str,
+    n: u64,
+    entry: &'a TimelineEntry,
+}
+
+/// Puts a loaded timeline entry in its place (by number), keeping the newest [`TIMELINE_LIMIT`].
+/// Loaded rows come in any order and may repeat entries the deployment holds already.
+fn place_timeline_entry(rec: &mut DeploymentRecord, n: u64, mut entry: TimelineEntry) {
+    entry.n = n;
+    rec.timeline_next = rec.timeline_next.max(n + 1);
+    let at = rec.timeline.partition_point(|e| e.n < n);
+    match rec.timeline.get_mut(at) {
+        Some(e) if e.n == n => *e = entry,
+        _ => rec.timeline.insert(at, entry),
+    }
+    while rec.timeline.len() > TIMELINE_LIMIT {
+        rec.timeline.pop_front();
+    }
 }
 
 /// The store id of a remembered correlation: the JSON array `[deployment, correlation id]`.

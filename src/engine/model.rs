@@ -304,6 +304,11 @@ pub struct AuthMark {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TimelineEntry {
+    /// Position in the deployment's history (0 for its first entry); not part of the entry's
+    /// JSON. An entry is stored as the `timeline` row of slot `n % 50`, so that adding one
+    /// writes one small row instead of the deployment's whole timeline.
+    #[serde(skip)]
+    pub n: u64,
     pub time: Millis,
     pub action: String,
     pub outcome: String,
@@ -332,9 +337,13 @@ pub struct DeploymentRecord {
     #[serde(default)]
     pub shared_key_alerted: bool,
     /// The newest entries, oldest first (a ring: a new entry drops the oldest without moving
-    /// the others).
-    #[serde(default)]
+    /// the others). Stored as `timeline` rows, one per entry, not in the deployment's document;
+    /// read from documents written before that.
+    #[serde(default, skip_serializing)]
     pub timeline: VecDeque<TimelineEntry>,
+    /// The number the next timeline entry gets.
+    #[serde(skip)]
+    pub timeline_next: u64,
 }
 
 /// A remembered IAM authorization policy and what happened to it.

@@ -44,6 +44,7 @@ pub async fn load(store: &Store, settings: &Settings) -> Result<Loaded, PersistE
     }
     engine.finish_loading();
     engine.clear_changes();
+    engine.convert_loaded_timelines();
     Ok(Loaded {
         engine,
         seq: snapshot.seq,
@@ -84,6 +85,7 @@ pub async fn sync(
         apply_row(engine, &row.kind, &row.id, row.doc)?;
     }
     engine.finish_loading();
+    engine.convert_loaded_timelines();
     Ok(true)
 }
 

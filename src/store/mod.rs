@@ -980,7 +980,8 @@ async fn open_sqlite(url: &str, shown: &str) -> Result<SqlitePool, StoreError> {
         .foreign_keys(true)
         // 1 MiB of page cache per connection (4 connections): the database pages are in the
         // OS page cache anyway, and SQLite's own caches were ~20 MiB of the service's peak RSS.
-        .pragma("cache_size", "-1024");
+        .pragma("cache_size", "-1024")
+        .pragma("temp_store", "memory");
     first_connection::<sqlx::SqliteConnection>(&options, shown).await?;
     Ok(SqlitePoolOptions::new()
         .max_connections(4)

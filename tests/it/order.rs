@@ -280,3 +280,95 @@ fn remembered_correlations_are_their_own_entities_and_reload_in_any_order() {
         .expect("d2 in the report");
     assert_eq!(d2["rewrap"], "pending", "{d2}");
 }
+
+/// A deployment's timeline is persisted one `timeline` row per entry, in 50 slots that new entries
+/// overwrite, never inside the deployment's document (which every state change rewrites). An
+/// engine loaded from the rows in any order has the same timeline; a document written before
+/// timeline rows existed (timeline inside) is read, and converted to rows at the next write.
+#[test]
+fn timeline_entries_are_rows_of_their_own_and_reload_in_any_order() {
+    use keywatch::engine::{Change, EntityKind};
+    use std::collections::BTreeMap;
+    let mut engine: Engine = setup::fresh_engine(config()).expect("registry");
+    let mut store: BTreeMap<(EntityKind, String), String> = BTreeMap::new();
+    let mut persist = |changes: Vec<Change>| {
+        for c in changes {
+            store.insert((c.kind, c.id), c.doc);
+        }
+    };
+    persist(engine.take_changes());
+    // 120 state changes of K1, in batches of 7: more than twice the 50 entries a timeline keeps.
+    for i in 0..120 {
+        let action = if i % 2 == 0 { "disable" } else { "enable" };
+        let e = key_event(
+            &format!("kms.secrets.{action}"),
+            K1,
+            100 + i,
+            "success",
+            json!({}),
+        );
+        engine.ingest(e.as_bytes());
+        if i % 7 == 6 {
+            persist(engine.take_changes());
+        }
+    }
+    persist(engine.take_changes());
+    let d1 = &engine.deployments()[D1];
+    assert_eq!(d1.timeline.len(), 50);
+    assert_eq!(d1.timeline_next, 120);
+
+    let rows: Vec<(&(EntityKind, String), &String)> = store
+        .iter()
+        .filter(|((k, id), _)| *k == EntityKind::Timeline && id.contains(D1))
+        .collect();
+    assert_eq!(rows.len(), 50, "one row per slot");
+    let doc: Value =
+        serde_json::from_str(&store[&(EntityKind::Deployment, D1.to_owned())]).unwrap();
+    assert!(
+        doc.get("timeline").is_none(),
+        "the document carries no timeline: {doc}"
+    );
+
+    let mut reloaded = Engine::new(*engine.lifecycle());
+    for ((kind, id), doc) in store.iter().rev() {
+        let doc: Value = serde_json::from_str(doc).expect("JSON document");
+        reloaded.load_entity(*kind, id, doc).expect("loads");
+    }
+    reloaded.finish_loading();
+    for crn in [D1, D2, D3] {
+        assert_eq!(
+            reloaded.deployments()[crn].timeline,
+            engine.deployments()[crn].timeline,
+            "{crn}"
+        );
+        assert_eq!(
+            reloaded.deployments()[crn].timeline_next,
+            engine.deployments()[crn].timeline_next
+        );
+    }
+
+    // A document from before timeline rows: the timeline inside it, no rows.
+    let mut legacy = doc.clone();
+    legacy["timeline"] = json!(engine.deployments()[D1].timeline);
+    let mut old = Engine::new(*engine.lifecycle());
+    old.load_entity(EntityKind::Deployment, D1, legacy)
+        .expect("loads");
+    old.finish_loading();
+    old.clear_changes();
+    assert_eq!(
+        json!(old.deployments()[D1].timeline),
+        json!(engine.deployments()[D1].timeline)
+    );
+    old.convert_loaded_timelines();
+    let changes = old.take_changes();
+    let timeline_rows = changes
+        .iter()
+        .filter(|c| c.kind == EntityKind::Timeline)
+        .count();
+    assert_eq!(timeline_rows, 50);
+    let rewritten = changes
+        .iter()
+        .find(|c| c.kind == EntityKind::Deployment)
+        .expect("the document is rewritten");
+    assert!(!rewritten.doc.contains("\"timeline\""), "{}", rewritten.doc);
+}
