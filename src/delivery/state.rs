@@ -22,7 +22,11 @@ pub struct StateCache {
 impl StateCache {
     pub fn new(lifecycle: Lifecycle) -> StateCache {
         StateCache {
-            engine: Engine::new(lifecycle),
+            engine: {
+                let mut e = Engine::new(lifecycle);
+                e.skip_processed_on_load();
+                e
+            },
             seq: 0,
             refreshed_at: None,
         }
@@ -36,6 +40,7 @@ impl StateCache {
             EntityKind::Key.as_str(),
             EntityKind::Deployment.as_str(),
             EntityKind::Correlation.as_str(),
+            EntityKind::Journal.as_str(),
         ];
         let (rows, seq) = store.entities_since(self.seq, &kinds).await?;
         if !rows.is_empty() {

@@ -51,6 +51,11 @@ pub enum EntityKind {
     Correlation,
     /// One entry of a deployment's timeline, in one of its 50 slots (id `["<deployment>", slot]`).
     Timeline,
+    /// What one write remembered that needs no entity of its own: the digests of the events it
+    /// applied and the correlation ids deployments confirmed (id: a digest of the document). One
+    /// row per transaction instead of one per fact: processed-event markers and correlations
+    /// were half of the rows a batch wrote, each in a random place of the table.
+    Journal,
 }
 
 impl EntityKind {
@@ -63,6 +68,7 @@ impl EntityKind {
             EntityKind::Stats => "stats",
             EntityKind::Correlation => "correlation",
             EntityKind::Timeline => "timeline",
+            EntityKind::Journal => "journal",
         }
     }
 
@@ -75,6 +81,7 @@ impl EntityKind {
             EntityKind::Stats,
             EntityKind::Correlation,
             EntityKind::Timeline,
+            EntityKind::Journal,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -224,10 +231,38 @@ struct DeploymentIndex {
 #[derive(Debug, Clone, Default)]
 struct Dirty {
     set: BTreeSet<(EntityKind, String)>,
+    /// Facts for the next `journal` entity.
+    journal: JournalDoc,
     off: bool,
 }
 
+/// The document of a `journal` entity (see [`EntityKind::Journal`]).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct JournalDoc {
+    /// Digests of applied events (hex).
+    #[serde(default)]
+    events: Vec<String>,
+    #[serde(default)]
+    correlations: Vec<CorrelationDoc>,
+}
+
 impl Dirty {
+    fn processed(&mut self, digest: &EventDigest) {
+        if !self.off {
+            self.journal.events.push(digest.hex());
+        }
+    }
+
+    fn correlation(&mut self, dep: &str, corr: &str, time: Millis) {
+        if !self.off {
+            self.journal.correlations.push(CorrelationDoc {
+                deployment: dep.to_owned(),
+                correlation: corr.to_owned(),
+                time,
+            });
+        }
+    }
+
     fn mark(&mut self, kind: EntityKind, id: impl AsRef<str>) {
         if !self.off {
             self.set.insert((kind, id.as_ref().to_owned()));
@@ -260,6 +295,9 @@ pub struct Engine {
     deployment_index: HashMap<String, DeploymentIndex>,
     /// Loaded correlation rows whose deployment was not loaded yet.
     pending_correlations: Vec<CorrelationDoc>,
+    /// Whether loading remembers processed-event digests (not for an engine that only answers
+    /// questions about state, such as the delivery worker's).
+    load_processed: bool,
     /// Loaded timeline rows, placed by `finish_loading`.
     pending_timeline: Vec<TimelineRow>,
     /// Deployments whose timeline was read from their document (written before timeline rows
@@ -287,6 +325,7 @@ impl Engine {
             deployment_by_target: HashMap::new(),
             deployment_index: HashMap::new(),
             pending_correlations: Vec::new(),
+            load_processed: true,
             pending_timeline: Vec::new(),
             legacy_timelines: Vec::new(),
             alerts: Vec::new(),
@@ -738,7 +777,7 @@ impl Engine {
         let d = apply(self, &ev);
         if d == Disposition::Applied {
             self.seen.insert(ev.digest);
-            self.dirty.mark_with(EntityKind::Event, || ev.digest.hex());
+            self.dirty.processed(&ev.digest);
         }
         d
     }
@@ -1135,12 +1174,11 @@ impl Engine {
         }
     }
 
-    /// Remembers a correlation id the deployment confirmed, persisted as its own small entity.
+    /// Remembers a correlation id the deployment confirmed, persisted in the next journal.
     fn remember_correlation(&mut self, dep: &str, corr: &str, time: Millis) {
         if let Some(rec) = self.deployments.get_mut(dep) {
             remember_correlation(rec, corr, time);
-            self.dirty
-                .mark_with(EntityKind::Correlation, || correlation_entity_id(dep, corr));
+            self.dirty.correlation(dep, corr, time);
         }
     }
 
@@ -1377,30 +1415,14 @@ impl Engine {
             self.dirty.mark(EntityKind::Stats, "stats");
         }
         let dirty = std::mem::take(&mut self.dirty.set);
-        dirty
+        let mut changes: Vec<Change> = dirty
             .into_iter()
             .filter_map(|(kind, id)| {
                 let doc = match kind {
                     EntityKind::Key => serde_json::to_string(self.keys.get(&id)?),
                     EntityKind::Deployment => serde_json::to_string(self.deployments.get(&id)?),
                     EntityKind::Policy => serde_json::to_string(self.policies.get(&id)?),
-                    EntityKind::Event => Ok("{}".to_owned()),
                     EntityKind::Stats => serde_json::to_string(&self.stats),
-                    EntityKind::Correlation => {
-                        let (deployment, correlation): (String, String) =
-                            serde_json::from_str(&id).ok()?;
-                        // Forgotten again since (memory full): nothing to keep.
-                        let time = *self
-                            .deployments
-                            .get(&deployment)?
-                            .confirmed_correlations
-                            .get(&correlation)?;
-                        serde_json::to_string(&CorrelationDoc {
-                            deployment,
-                            correlation,
-                            time,
-                        })
-                    }
                     EntityKind::Timeline => {
                         let (deployment, slot): (String, u64) = serde_json::from_str(&id).ok()?;
                         let entry = self
@@ -1416,11 +1438,30 @@ impl Engine {
                             entry,
                         })
                     }
+                    // Written by earlier versions only; now part of journals.
+                    EntityKind::Event | EntityKind::Correlation | EntityKind::Journal => {
+                        return None
+                    }
                 }
                 .ok()?;
                 Some(Change { kind, id, doc })
             })
-            .collect()
+            .collect();
+        let journal = std::mem::take(&mut self.dirty.journal);
+        if !journal.events.is_empty() || !journal.correlations.is_empty() {
+            if let Ok(doc) = serde_json::to_string(&journal) {
+                // Named by its content: unique per set of facts, and writing the same facts
+                // twice writes the same row.
+                let digest = Sha256::digest(doc.as_bytes());
+                let id = crate::hex::encode(&digest[..16]);
+                changes.push(Change {
+                    kind: EntityKind::Journal,
+                    id,
+                    doc,
+                });
+            }
+        }
+        changes
     }
 
     /// Whether changed entities are collected for [`Engine::take_changes`] (on by default). Off for
@@ -1429,6 +1470,7 @@ impl Engine {
         self.dirty.off = !on;
         if !on {
             self.dirty.set.clear();
+            self.dirty.journal = JournalDoc::default();
         }
     }
 
@@ -1436,6 +1478,7 @@ impl Engine {
     pub fn clear_changes(&mut self) {
         self.stats_dirty = false;
         self.dirty.set.clear();
+        self.dirty.journal = JournalDoc::default();
     }
 
     /// Loads one persisted entity (start-up, or changes written by another instance).
@@ -1478,7 +1521,7 @@ impl Engine {
                     .insert(id.to_owned(), serde_json::from_value(doc)?);
             }
             EntityKind::Event => {
-                if let Some(d) = EventDigest::from_hex(id) {
+                if let Some(d) = EventDigest::from_hex(id).filter(|_| self.load_processed) {
                     self.seen.insert(d);
                 }
             }
@@ -1491,8 +1534,27 @@ impl Engine {
                 }
             }
             EntityKind::Timeline => self.pending_timeline.push(serde_json::from_value(doc)?),
+            EntityKind::Journal => {
+                let j: JournalDoc = serde_json::from_value(doc)?;
+                if self.load_processed {
+                    self.seen
+                        .extend(j.events.iter().filter_map(|h| EventDigest::from_hex(h)));
+                }
+                for c in j.correlations {
+                    match self.deployments.get_mut(&c.deployment) {
+                        Some(rec) => remember_correlation(rec, &c.correlation, c.time),
+                        None => self.pending_correlations.push(c),
+                    }
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Loading skips processed-event digests from now on (duplicates are not this engine's
+    /// business: it never ingests).
+    pub fn skip_processed_on_load(&mut self) {
+        self.load_processed = false;
     }
 
     /// Marks the timelines read from deployment documents (written before timeline rows existed)
@@ -1601,11 +1663,6 @@ fn place_timeline_entry(rec: &mut DeploymentRecord, n: u64, mut entry: TimelineE
     while rec.timeline.len() > TIMELINE_LIMIT {
         rec.timeline.pop_front();
     }
-}
-
-/// The store id of a remembered correlation: the JSON array `[deployment, correlation id]`.
-fn correlation_entity_id(dep: &str, corr: &str) -> String {
-    serde_json::to_string(&[dep, corr]).unwrap_or_default()
 }
 
 /// The document of a remembered correlation in the store.

@@ -207,11 +207,12 @@ proptest! {
     }
 }
 
-/// A correlation id a deployment remembers is persisted as its own `correlation` entity, not by
+/// A correlation id a deployment remembers is persisted in the write's `journal` entity, not by
 /// rewriting the deployment's document; an engine loaded from the persisted entities in any order
-/// (the correlation before its deployment here) confirms the rotation exactly as the original does.
+/// (the journal before its deployment here) confirms the rotation exactly as the original does,
+/// and knows the events applied before (a second copy is a duplicate).
 #[test]
-fn remembered_correlations_are_their_own_entities_and_reload_in_any_order() {
+fn remembered_correlations_are_journaled_and_reload_in_any_order() {
     use keywatch::engine::{Change, Disposition, EntityKind};
     let mut engine: Engine = setup::fresh_engine(config()).expect("registry");
     let mut persisted: Vec<Change> = engine.take_changes();
@@ -223,27 +224,48 @@ fn remembered_correlations_are_their_own_entities_and_reload_in_any_order() {
         engine.ingest(follow_up.as_bytes()),
         Disposition::Ignored
     ));
+    let disable = key_event("kms.secrets.disable", K2, 6, "success", json!({}));
+    assert!(matches!(
+        engine.ingest(disable.as_bytes()),
+        Disposition::Applied
+    ));
+    persisted.extend(engine.take_changes());
     let changes = engine.take_changes();
-    let kinds: Vec<(EntityKind, &str)> = changes.iter().map(|c| (c.kind, c.id.as_str())).collect();
-    assert!(
-        kinds.contains(&(
-            EntityKind::Correlation,
-            &*serde_json::to_string(&[D1, "early-R9"]).unwrap()
-        )),
-        "{kinds:?}"
+    assert!(changes.is_empty(), "taken twice: {changes:?}");
+    let journals: Vec<Value> = persisted
+        .iter()
+        .filter(|c| c.kind == EntityKind::Journal)
+        .map(|c| serde_json::from_str(&c.doc).expect("JSON"))
+        .collect();
+    assert_eq!(journals.len(), 1, "one journal per write: {journals:?}");
+    assert_eq!(
+        journals[0]["correlations"][0]["correlation"], "early-R9",
+        "{journals:?}"
     );
+    assert_eq!(journals[0]["correlations"][0]["deployment"], D1);
+    assert_eq!(journals[0]["events"].as_array().map(Vec::len), Some(1));
     assert!(
-        !kinds.iter().any(|(k, _)| *k == EntityKind::Deployment),
-        "remembering a correlation rewrote a deployment document: {kinds:?}"
+        !persisted
+            .iter()
+            .any(|c| c.kind == EntityKind::Deployment && c.doc.contains("early-R9")),
+        "remembering a correlation wrote it into a deployment document"
     );
-    persisted.extend(changes);
 
+    // As a store holds them: the last document per entity, loaded here in reverse key order.
+    let stored: std::collections::BTreeMap<(EntityKind, &str), &str> = persisted
+        .iter()
+        .map(|c| ((c.kind, c.id.as_str()), c.doc.as_str()))
+        .collect();
     let mut reloaded = Engine::new(*engine.lifecycle());
-    for c in persisted.iter().rev() {
-        let doc: Value = serde_json::from_str(&c.doc).expect("JSON document");
-        reloaded.load_entity(c.kind, &c.id, doc).expect("loads");
+    for ((kind, id), doc) in stored.iter().rev() {
+        let doc: Value = serde_json::from_str(doc).expect("JSON document");
+        reloaded.load_entity(*kind, id, doc).expect("loads");
     }
     reloaded.finish_loading();
+    assert!(matches!(
+        reloaded.ingest(disable.as_bytes()),
+        Disposition::Duplicate
+    ));
 
     let rotation = key_event(
         "kms.secrets.rotate",
