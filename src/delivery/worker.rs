@@ -42,6 +42,10 @@ const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 /// A notification rendered within this long after the last look at the store shows the state
 /// of that look.
 const FRESH_STATE: Duration = Duration::from_millis(100);
+/// Without routes, planning only moves the outbox cursor past the new alerts (nothing is
+/// routed anywhere): it then runs at most this often, and before stopping, instead of in a write
+/// transaction of its own every poll (about one per processed batch under load).
+const UNROUTED_PLAN_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest pause after repeated store errors.
 const MAX_ERROR_PAUSE: Duration = Duration::from_secs(10);
 
@@ -73,6 +77,8 @@ pub struct Worker {
     options: WorkerOptions,
     /// The planner cursor as last seen: nothing to plan while the outbox ends there.
     known_planned: i64,
+    /// When the last planning round without routes ran (see [`UNROUTED_PLAN_INTERVAL`]).
+    unrouted_planned_at: Option<Instant>,
 }
 
 /// Per finished attempt whether it was recorded, and the notifications claimed.
@@ -131,6 +137,7 @@ impl Worker {
             cache: StateCache::new(crate::setup::lifecycle(settings)),
             options: WorkerOptions::default(),
             known_planned: 0,
+            unrouted_planned_at: None,
         })
     }
 
@@ -142,6 +149,7 @@ impl Worker {
     /// Plans every alert stored after the planner cursor (in transactions of at most 1000
     /// alerts). Safe to call at any time, from any number of instances.
     pub async fn plan(&mut self) -> Result<Planned, DeliveryError> {
+        self.unrouted_planned_at = None;
         Ok(self.plan_then(&[], None).await?.0)
     }
 
@@ -154,6 +162,16 @@ impl Worker {
     ) -> Result<(Planned, Option<Recorded>), DeliveryError> {
         let store = self.shared.store.clone();
         let mut total = Planned::default();
+        let routed = !self.shared.routes.is_empty();
+        if !routed {
+            if self
+                .unrouted_planned_at
+                .is_some_and(|t| t.elapsed() < UNROUTED_PLAN_INTERVAL)
+            {
+                return Ok((total, None));
+            }
+            self.unrouted_planned_at = Some(Instant::now());
+        }
         loop {
             // Every alert up to `bound` is committed, and with it the entities it refers to: a
             // refresh after reading the bound sees them. Routing reads only a deployment's labels
@@ -166,12 +184,16 @@ impl Worker {
             }
             // Before taking the write lock, not while holding it: a refresh that reads many
             // changed documents would otherwise keep the event processing waiting.
-            self.cache.refresh_if_older(&store, FRESH_STATE).await?;
+            // Without routes nothing is routed: no deployment data needed.
+            if routed {
+                self.cache.refresh_if_older(&store, FRESH_STATE).await?;
+            }
             let mut tx = store.begin_planning().await?;
             let alerts = tx.alerts_after_cursor(bound, PLAN_BATCH).await?;
-            if alerts
-                .iter()
-                .any(|a| self.cache.deployment(&a.deployment).is_none())
+            if routed
+                && alerts
+                    .iter()
+                    .any(|a| self.cache.deployment(&a.deployment).is_none())
             {
                 self.cache.refresh(&store).await?;
             }
