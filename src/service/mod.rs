@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 /// At most this many records are applied in one store transaction (bounded in-flight work: the
 /// consumer is not polled while a batch is being written, so a slow store pauses consumption).
-pub const MAX_BATCH: usize = 2000;
+pub const MAX_BATCH: usize = 5000;
 /// How often deadlines are evaluated on the wall clock.
 pub const TICK_INTERVAL: Duration = Duration::from_secs(5);
 /// Batches are pipelined (the next one is applied while the previous one commits) once no other
