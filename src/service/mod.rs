@@ -121,6 +121,8 @@ struct Applied {
     offsets: Vec<PartitionOffset>,
     /// Alerts the store did not hold yet (known once written).
     new_alerts: usize,
+    /// When the transaction committed (known once committed).
+    committed_at: Option<Instant>,
     outcome: Outcome,
 }
 
@@ -139,9 +141,28 @@ enum Committed {
         seq: i64,
         new_alerts: usize,
         effects: persist::Effects,
+        at: Instant,
     },
     /// Another writer committed first: nothing was written.
     Conflict,
+}
+
+/// An [`InFlight`] batch without its task.
+struct InFlightParts {
+    batch: Batch,
+    outcome: Outcome,
+}
+
+/// Waits for the transaction of the batch in flight to end (forever when there is none). The
+/// task is polled through a reference: its output is returned here, so the handle must not be
+/// awaited again (see [`Processor::finish_joined`]).
+async fn join_in_flight(
+    inflight: &mut Option<InFlight>,
+) -> Result<Result<Committed, PersistError>, tokio::task::JoinError> {
+    match inflight {
+        Some(f) => (&mut f.task).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A batch whose store transaction runs on another task while the loop applies the next one.
@@ -223,6 +244,15 @@ pub async fn run(
             _ = ticker.tick() => {
                 p.settle(&mut inflight, &consumer, &shutdown).await?;
                 p.tick_with_retry(&shutdown).await?;
+                continue;
+            }
+            // Nothing new arrived, and the batch in flight committed: its offsets and metrics
+            // are done now, not when the next record comes.
+            joined = join_in_flight(&mut inflight), if inflight.is_some() => {
+                let f = inflight.take().expect("a batch in flight");
+                if let Err(batch) = p.finish_joined(f.batch, f.outcome, joined, &consumer).await? {
+                    p.redo(vec![batch], &consumer, &shutdown).await?;
+                }
                 continue;
             }
         };
@@ -437,6 +467,7 @@ impl Processor {
         applied.new_alerts =
             persist::write_effects(&mut tx, &applied.effects, &applied.offsets).await?;
         self.seq = tx.commit().await?;
+        applied.committed_at = Some(Instant::now());
         Ok(applied)
     }
 
@@ -513,6 +544,7 @@ impl Processor {
             effects: persist::take(&mut self.engine),
             offsets,
             new_alerts: 0,
+            committed_at: None,
             outcome: Outcome { next, dead, counts },
         }
     }
@@ -549,6 +581,7 @@ impl Processor {
                 seq,
                 new_alerts,
                 effects,
+                at: Instant::now(),
             })
         });
         InFlight {
@@ -565,7 +598,25 @@ impl Processor {
         f: InFlight,
         consumer: &StreamConsumer<KeywatchContext>,
     ) -> Result<Result<(), Batch>, ServiceError> {
-        let committed = match f.task.await {
+        let InFlight {
+            batch,
+            outcome,
+            task,
+        } = f;
+        let joined = task.await;
+        self.finish_joined(batch, outcome, joined, consumer).await
+    }
+
+    /// [`finish`](Processor::finish) once the transaction's task has ended.
+    async fn finish_joined(
+        &mut self,
+        batch: Batch,
+        outcome: Outcome,
+        joined: Result<Result<Committed, PersistError>, tokio::task::JoinError>,
+        consumer: &StreamConsumer<KeywatchContext>,
+    ) -> Result<Result<(), Batch>, ServiceError> {
+        let f = InFlightParts { batch, outcome };
+        let committed = match joined {
             Ok(r) => r,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => return Ok(Err(f.batch)), // cancelled: the runtime is shutting down
@@ -575,12 +626,14 @@ impl Processor {
                 seq,
                 new_alerts,
                 effects,
+                at,
             }) => {
                 self.seq = seq;
                 let applied = Applied {
                     effects,
                     offsets: Vec::new(),
                     new_alerts,
+                    committed_at: Some(at),
                     outcome: f.outcome,
                 };
                 self.after_commit(consumer, &f.batch, applied).await;
@@ -683,8 +736,11 @@ impl Processor {
             .metrics
             .batch_records
             .observe(batch.records.len() as f64);
-        let took = batch.received.elapsed().as_secs_f64();
-        let committed_at = Millis::now();
+        // Measured to the commit, not to now: a pipelined batch's bookkeeping waits for the
+        // next batch, while its state was committed (and visible) already.
+        let at = applied.committed_at.unwrap_or_else(Instant::now);
+        let took = at.saturating_duration_since(batch.received).as_secs_f64();
+        let committed_at = Millis(Millis::now().0 - at.elapsed().as_millis() as i64);
         for m in &batch.records {
             shared.metrics.processing.observe(took);
             if let Some(ms) = m.timestamp().to_millis() {
