@@ -147,6 +147,18 @@ enum Committed {
     Conflict,
 }
 
+/// Records that another writer committed to the store since this instance's last transaction
+/// (see [`SOLO_AFTER`]); logged when it ends pipelining.
+fn saw_other_writer(foreign_at: &mut Option<Instant>) {
+    if foreign_at.is_none_or(|t| t.elapsed() >= SOLO_AFTER) {
+        tracing::info!(
+            solo_after_s = SOLO_AFTER.as_secs(),
+            "another writer shares the store: every batch is applied under its lock until none has been seen for a while"
+        );
+    }
+    *foreign_at = Some(Instant::now());
+}
+
 /// An [`InFlight`] batch without its task.
 struct InFlightParts {
     batch: Batch,
@@ -363,7 +375,9 @@ impl Processor {
         loop {
             let r: Result<Result<T, String>, PersistError> = async {
                 let mut tx = self.store.begin().await?;
-                persist::sync(&mut tx, &mut self.engine, self.seq).await?;
+                if persist::sync(&mut tx, &mut self.engine, self.seq).await? {
+                    saw_other_writer(&mut self.foreign_at);
+                }
                 let out = (f.take().expect("applied once"))(&mut self.engine);
                 let (_, alerts) = persist::write(&mut tx, &mut self.engine, &[]).await?;
                 self.seq = tx.commit().await?;
@@ -461,7 +475,7 @@ impl Processor {
         let store = self.store.clone(); // the transaction borrows it while `apply` borrows self
         let mut tx = store.begin().await?;
         if persist::sync(&mut tx, &mut self.engine, self.seq).await? {
-            self.foreign_at = Some(Instant::now());
+            saw_other_writer(&mut self.foreign_at);
         }
         let mut applied = self.apply(batch);
         applied.new_alerts =
@@ -640,8 +654,8 @@ impl Processor {
                 Ok(Ok(()))
             }
             Ok(Committed::Conflict) => {
-                tracing::info!("another writer shares the store: applying batches under its lock");
-                self.foreign_at = Some(Instant::now());
+                tracing::info!("a batch applied while another writer committed is applied again");
+                saw_other_writer(&mut self.foreign_at);
                 Ok(Err(f.batch))
             }
             Err(e) if e.is_transient() => {
@@ -805,7 +819,9 @@ impl Processor {
         loop {
             let r: Result<(), PersistError> = async {
                 let mut tx = self.store.begin().await?;
-                persist::sync(&mut tx, &mut self.engine, self.seq).await?;
+                if persist::sync(&mut tx, &mut self.engine, self.seq).await? {
+                    saw_other_writer(&mut self.foreign_at);
+                }
                 self.engine.tick(Millis::now());
                 let (_, alerts) = persist::write(&mut tx, &mut self.engine, &[]).await?;
                 self.seq = tx.commit().await?;

@@ -425,6 +425,65 @@ fn scale_out_postgres() {
     );
 }
 
+/// Another process writes into the store while the service runs (`replay --store` backfilling
+/// the middle third of a stream into the same SQLite file): the service's next batch, applied to
+/// an engine that does not know those writes (while the batch before it committed, or from the
+/// start), must not be written over them. It is applied again under the lock after loading them,
+/// and the service says so. The end state is that of the whole stream replayed in order.
+#[test]
+fn another_writer_between_batches() {
+    let _timing = Timing::start("another_writer_between_batches");
+    let brokers = brokers();
+    let dir = tempfile::tempdir().unwrap();
+    let (events, registry) = generate(dir.path(), 3_000, 4_242, FUTURE_START);
+    let all = records(&events);
+    let n = all.len();
+    let topic = unique("foreign");
+    create_topic(&brokers, &topic, 4);
+    let setup = Setup::new(&brokers, &topic, &registry);
+    let parts = assign_partitions(&all, &OrderGroups::from_registry(&registry), 4);
+    let (a, b) = (n / 3, 2 * n / 3);
+
+    let mut svc = setup.start("run");
+    svc.wait_assigned(CATCH_UP);
+    produce(&brokers, &topic, &all[..a], &parts[..a]);
+    wait_for_events(&setup.config, a as u64, CATCH_UP, &[&svc]);
+    let middle = dir.path().join("middle.jsonl");
+    write_records(&middle, &all[a..b]);
+    let out = keywatch()
+        .args(["replay", "--store", "--config"])
+        .arg(&setup.config)
+        .arg(&middle)
+        .output()
+        .expect("keywatch replay --store");
+    assert!(
+        out.status.success(),
+        "replay --store: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    produce(&brokers, &topic, &all[b..], &parts[b..]);
+    // A service that wrote its outdated state over the backfill would count only a + (n - b).
+    wait_for_events(&setup.config, n as u64, CATCH_UP, &[&svc]);
+    let exit = svc.terminate();
+    assert!(exit.success(), "exited with {exit}\n{}", svc.log_tail(30));
+    assert!(
+        svc.log_text().contains("another writer shares the store"),
+        "the service did not notice the other writer:\n{}",
+        svc.log_tail(30)
+    );
+
+    let (_, got, want) = status_and_replay(&setup.config, &events);
+    assert_same_report(
+        "a backfill between the service's batches: status vs replay",
+        &got,
+        &want,
+        Compare {
+            stats: true,
+            alert_fields: ALERT_ALL,
+        },
+    );
+}
+
 /// Malformed records in the middle of a stream are counted, dead-lettered, and passed over.
 #[test]
 fn poison_input() {
