@@ -159,12 +159,6 @@ fn saw_other_writer(foreign_at: &mut Option<Instant>) {
     *foreign_at = Some(Instant::now());
 }
 
-/// An [`InFlight`] batch without its task.
-struct InFlightParts {
-    batch: Batch,
-    outcome: Outcome,
-}
-
 /// Waits for the transaction of the batch in flight to end (forever when there is none). The
 /// task is polled through a reference: its output is returned here, so the handle must not be
 /// awaited again (see [`Processor::finish_joined`]).
@@ -629,11 +623,10 @@ impl Processor {
         joined: Result<Result<Committed, PersistError>, tokio::task::JoinError>,
         consumer: &StreamConsumer<KeywatchContext>,
     ) -> Result<Result<(), Batch>, ServiceError> {
-        let f = InFlightParts { batch, outcome };
         let committed = match joined {
             Ok(r) => r,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => return Ok(Err(f.batch)), // cancelled: the runtime is shutting down
+            Err(_) => return Ok(Err(batch)), // cancelled: the runtime is shutting down
         };
         match committed {
             Ok(Committed::Done {
@@ -648,20 +641,20 @@ impl Processor {
                     offsets: Vec::new(),
                     new_alerts,
                     committed_at: Some(at),
-                    outcome: f.outcome,
+                    outcome,
                 };
-                self.after_commit(consumer, &f.batch, applied).await;
+                self.after_commit(consumer, &batch, applied).await;
                 Ok(Ok(()))
             }
             Ok(Committed::Conflict) => {
                 tracing::info!("a batch applied while another writer committed is applied again");
                 saw_other_writer(&mut self.foreign_at);
-                Ok(Err(f.batch))
+                Ok(Err(batch))
             }
             Err(e) if e.is_transient() => {
                 self.shared.store_ok.store(false, Ordering::SeqCst);
                 tracing::warn!(error = %e, "store unavailable; retrying the batch");
-                Ok(Err(f.batch))
+                Ok(Err(batch))
             }
             Err(e) => Err(e.into()),
         }
