@@ -450,17 +450,7 @@ fn another_writer_between_batches() {
     wait_for_events(&setup.config, a as u64, CATCH_UP, &[&svc]);
     let middle = dir.path().join("middle.jsonl");
     write_records(&middle, &all[a..b]);
-    let out = keywatch()
-        .args(["replay", "--store", "--config"])
-        .arg(&setup.config)
-        .arg(&middle)
-        .output()
-        .expect("keywatch replay --store");
-    assert!(
-        out.status.success(),
-        "replay --store: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    replay_into_store(&setup.config, &middle);
     produce(&brokers, &topic, &all[b..], &parts[b..]);
     // A service that wrote its outdated state over the backfill would count only a + (n - b).
     wait_for_events(&setup.config, n as u64, CATCH_UP, &[&svc]);

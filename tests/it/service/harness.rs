@@ -357,6 +357,15 @@ pub fn replay(config: &Path, now: &str, file: &Path) -> Value {
     serde_json::from_slice(&run(c, "keywatch replay").stdout).expect("replay prints JSON")
 }
 
+/// `keywatch replay --store --config C FILE`: backfills the configured store (exit 0 required).
+pub fn replay_into_store(config: &Path, file: &Path) {
+    let mut c = keywatch();
+    c.args(["replay", "--store", "--config"])
+        .arg(config)
+        .arg(file);
+    run(c, "keywatch replay --store");
+}
+
 /// The persisted state (`keywatch status`) and what `replay` of `events` reports, both at the
 /// same `now` (the wall clock, returned first).
 pub fn status_and_replay(config: &Path, events: &Path) -> (String, Value, Value) {
