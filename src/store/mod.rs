@@ -988,6 +988,9 @@ async fn open_sqlite(url: &str, shown: &str) -> Result<SqlitePool, StoreError> {
     let pool = SqlitePoolOptions::new()
         .max_connections(4)
         .acquire_timeout(WRITE_LOCK_TIMEOUT)
+        // A local file does not go stale like a network connection: no `SELECT 1` round trip to
+        // the connection's worker thread before every transaction.
+        .test_before_acquire(false)
         .connect_lazy_with(options);
     spawn_checkpointer(pool.clone());
     Ok(pool)
