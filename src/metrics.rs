@@ -128,10 +128,11 @@ impl Metrics {
         let batch_records = Histogram::with_opts(
             HistogramOpts::new(
                 "keywatch_batch_records",
-                "Records per applied batch (one store transaction each; not in the spec).",
+                "Records per store transaction (several batches under load; not in the spec).",
             )
             .buckets(vec![
                 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+                10000.0, 15000.0,
             ]),
         )
         .expect("valid metric");

@@ -95,6 +95,16 @@ pub struct ConsumerState {
     pub errors: AtomicU64,
 }
 
+impl ConsumerState {
+    /// Whether the partition is assigned to this consumer now.
+    pub fn is_assigned(&self, topic: &str, partition: i32) -> bool {
+        self.assigned
+            .lock()
+            .map(|a| a.contains(&(topic.to_owned(), partition)))
+            .unwrap_or(false)
+    }
+}
+
 pub struct KeywatchContext {
     pub state: Arc<ConsumerState>,
 }

@@ -17,7 +17,7 @@ use futures::FutureExt as _;
 use kafka::{ConsumerState, KeywatchContext};
 use persist::PersistError;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -25,15 +25,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-/// At most this many records are applied in one store transaction (bounded in-flight work: the
-/// consumer is not polled while a batch is being written, so a slow store pauses consumption).
+/// At most this many records are taken from the consumer and applied in one go.
 pub const MAX_BATCH: usize = 5000;
+/// Bounded in-flight work: at most this many records are applied but not yet in a store
+/// transaction (besides the one transaction in flight). Past it the loop stops consuming until
+/// the transaction in flight committed, so a slow store pauses consumption.
+pub const MAX_PENDING: usize = 2 * MAX_BATCH;
 /// How often deadlines are evaluated on the wall clock.
 pub const TICK_INTERVAL: Duration = Duration::from_secs(5);
 /// Batches are pipelined (the next one is applied while the previous one commits) once no other
 /// writer has been seen in the store for this long; until then every batch holds the write lock
 /// from loading what the others wrote to its commit.
 pub const SOLO_AFTER: Duration = Duration::from_secs(30);
+/// The first wait after a store failure; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -108,31 +114,55 @@ impl EngineHandle {
     }
 }
 
-/// Records taken from the consumer in one go, applied and committed together.
-struct Batch {
-    records: Vec<OwnedMessage>,
+/// A batch: records taken from the consumer in one go and applied to the engine as they were
+/// taken. The records themselves are not kept (a transaction that does not commit rewinds the
+/// consumer instead, see [`Processor::rewind`]); this is what the bookkeeping after the commit
+/// needs.
+struct Part {
     received: Instant,
-}
-
-/// A batch applied to the engine: its effects, the progress to store with them, and what
-/// follows its commit.
-struct Applied {
-    effects: persist::Effects,
-    offsets: Vec<PartitionOffset>,
-    /// Alerts the store did not hold yet (known once written).
-    new_alerts: usize,
-    /// When the transaction committed (known once committed).
-    committed_at: Option<Instant>,
-    outcome: Outcome,
-}
-
-struct Outcome {
-    /// Next offset to read per partition once the batch is committed.
-    next: BTreeMap<(String, i32), i64>,
-    /// Invalid records: position in the batch and reason.
-    dead: Vec<(usize, String)>,
+    /// Records taken (applied, skipped as already applied, or invalid).
+    len: usize,
+    /// Producer timestamps (ms) of the records, for the latency metric.
+    timestamps: Vec<i64>,
+    /// Next offset to read per partition once the batch is committed. A batch holds a handful
+    /// of partitions, so a short vector beats a map.
+    next: Vec<((String, i32), i64)>,
+    /// Invalid records, for the dead-letter topic.
+    dead: Vec<DeadRecord>,
     /// Records applied, ignored, duplicate, invalid.
     counts: [u64; 4],
+}
+
+impl Part {
+    fn new(received: Instant) -> Part {
+        Part {
+            received,
+            len: 0,
+            timestamps: Vec::new(),
+            next: Vec::new(),
+            dead: Vec::new(),
+            counts: [0; 4],
+        }
+    }
+}
+
+/// An invalid record, kept (copied) until its batch committed, then dead-lettered.
+struct DeadRecord {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    payload: Vec<u8>,
+    reason: String,
+}
+
+/// What a committed transaction reports for the bookkeeping of its batches.
+struct Commit {
+    /// The alerts written (some may have been stored already, by another writer).
+    alerts: Vec<crate::engine::Alert>,
+    /// Alerts the store did not hold yet.
+    new_alerts: usize,
+    /// When the transaction committed.
+    at: Instant,
 }
 
 /// The outcome of a background transaction.
@@ -159,9 +189,9 @@ fn saw_other_writer(foreign_at: &mut Option<Instant>) {
     *foreign_at = Some(Instant::now());
 }
 
-/// Waits for the transaction of the batch in flight to end (forever when there is none). The
-/// task is polled through a reference: its output is returned here, so the handle must not be
-/// awaited again (see [`Processor::finish_joined`]).
+/// Waits for the transaction in flight to end (forever when there is none). The task is polled
+/// through a reference: its output is returned here, so the handle must not be awaited again
+/// (see [`Processor::finish_joined`]).
 async fn join_in_flight(
     inflight: &mut Option<InFlight>,
 ) -> Result<Result<Committed, PersistError>, tokio::task::JoinError> {
@@ -171,11 +201,27 @@ async fn join_in_flight(
     }
 }
 
-/// A batch whose store transaction runs on another task while the loop applies the next one.
+/// Batches whose store transaction runs on another task while the loop applies the next ones.
 struct InFlight {
-    batch: Batch,
-    outcome: Outcome,
+    parts: Vec<Part>,
     task: tokio::task::JoinHandle<Result<Committed, PersistError>>,
+}
+
+/// Group commit: while one transaction is in flight, the batches applied meanwhile wait in
+/// `pending` (their changes stay in the engine's dirty set), and the next transaction writes
+/// them all at once, each changed entity once.
+#[derive(Default)]
+struct Pipeline {
+    inflight: Option<InFlight>,
+    pending: Vec<Part>,
+    pending_records: usize,
+}
+
+impl Pipeline {
+    fn take_pending(&mut self) -> Vec<Part> {
+        self.pending_records = 0;
+        std::mem::take(&mut self.pending)
+    }
 }
 
 struct Processor {
@@ -190,6 +236,12 @@ struct Processor {
     committed: BTreeMap<(String, i32), i64>,
     /// When another writer's commit was last seen (see [`SOLO_AFTER`]).
     foreign_at: Option<Instant>,
+    /// The wait before the next attempt after a transaction that failed (reset by a commit).
+    backoff: Duration,
+    /// The partition and offset of the record in hand (of the one subscribed topic), taken from
+    /// the consumer but not applied yet: a rewind in the meantime must read it again too (see
+    /// [`Processor::rewind`]).
+    unapplied: Option<(i32, i64)>,
     dlq: Option<(FutureProducer, String)>,
     shared: Arc<Shared>,
 }
@@ -212,6 +264,8 @@ pub async fn run(
         progress: BTreeMap::new(),
         committed: BTreeMap::new(),
         foreign_at: None,
+        backoff: FIRST_BACKOFF,
+        unapplied: None,
         dlq: None,
         shared: health.clone(),
     };
@@ -236,82 +290,106 @@ pub async fn run(
     let mut ticker =
         tokio::time::interval_at(tokio::time::Instant::now() + TICK_INTERVAL, TICK_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The batch whose store transaction runs on another task while this loop applies the next.
-    let mut inflight: Option<InFlight> = None;
+    // The transaction in flight on another task, and the batches applied since it started.
+    let mut pipe = Pipeline::default();
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(req) = requests.recv() => {
-                p.settle(&mut inflight, &consumer, &shutdown).await?;
+                p.settle(&mut pipe, &consumer, &shutdown).await?;
                 p.serve(req, &shutdown).await?;
                 continue;
             }
             m = consumer.recv() => m,
             _ = ticker.tick() => {
-                p.settle(&mut inflight, &consumer, &shutdown).await?;
+                p.settle(&mut pipe, &consumer, &shutdown).await?;
                 p.tick_with_retry(&shutdown).await?;
                 continue;
             }
-            // Nothing new arrived, and the batch in flight committed: its offsets and metrics
-            // are done now, not when the next record comes.
-            joined = join_in_flight(&mut inflight), if inflight.is_some() => {
-                let f = inflight.take().expect("a batch in flight");
-                if let Err(batch) = p.finish_joined(f.batch, f.outcome, joined, &consumer).await? {
-                    p.redo(vec![batch], &consumer, &shutdown).await?;
-                }
+            // The transaction in flight ended: its batches' offsets and metrics are done now,
+            // not when the next record comes, and what was applied meanwhile is written next.
+            joined = join_in_flight(&mut pipe.inflight), if pipe.inflight.is_some() => {
+                let f = pipe.inflight.take().expect("a transaction in flight");
+                let finished = p.finish_joined(f.parts, joined, &consumer).await?;
+                p.next_commit(&mut pipe, finished, &consumer, &shutdown).await?;
                 continue;
             }
         };
         let received = Instant::now();
-        let mut batch = Vec::with_capacity(64);
-        match first {
-            Ok(m) => batch.push(m.detach()),
+        let first = match first {
+            Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "kafka receive error");
                 continue;
             }
-        }
-        // Adaptive batching: take what is already fetched, without waiting for more. A quiet
-        // topic gets one small batch per record (lowest latency); under load, records pile up
-        // while a batch commits, so batches grow by themselves up to MAX_BATCH.
-        while batch.len() < MAX_BATCH {
-            match consumer.recv().now_or_never() {
-                Some(Ok(m)) => batch.push(m.detach()),
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "kafka receive error");
-                    break;
-                }
-                None => break,
-            }
-        }
-        if health.consumer.reassigned.swap(false, Ordering::SeqCst) {
-            p.settle(&mut inflight, &consumer, &shutdown).await?;
-            p.reload_progress().await?;
-        }
-        let batch = Batch {
-            records: batch,
-            received,
         };
+        p.hold(&first);
         if !p.pipelining() {
-            p.settle(&mut inflight, &consumer, &shutdown).await?;
-            let applied = p.process_with_retry(&batch.records, &shutdown).await?;
-            p.after_commit(&consumer, &batch, applied).await;
+            if !p.settle(&mut pipe, &consumer, &shutdown).await? {
+                p.process_locked(first, received, &consumer, &shutdown)
+                    .await?;
+            }
             continue;
         }
-        // Pipelined: apply this batch now, while the previous one commits on another task.
-        let applied = p.apply(&batch.records);
-        p.advance(&applied.outcome.next);
-        let failed = match inflight.take() {
-            Some(previous) => p.finish(previous, &consumer).await?.err(),
-            None => None,
-        };
-        match failed {
-            None => inflight = Some(p.commit_in_background(batch, applied)),
-            // The previous batch did not commit, and this one was applied on top of it.
-            Some(previous) => p.redo(vec![previous, batch], &consumer, &shutdown).await?,
+        // Pipelined: apply the records as they are taken, while the transaction in flight (if
+        // any) commits on another task. Adaptive batching: take what is already fetched, without
+        // waiting for more. A quiet topic gets one small batch per record (lowest latency); under
+        // load, records pile up while a transaction commits, so batches grow by themselves.
+        let mut part = Part::new(received);
+        let mut next = Some(first);
+        while let Some(m) = next.take() {
+            if health.consumer.reassigned.swap(false, Ordering::SeqCst) {
+                // Partitions moved: commit what was applied, then take the stored progress of
+                // the partitions this instance may have been given.
+                if part.len > 0 {
+                    p.end_batch(&mut pipe, std::mem::replace(&mut part, Part::new(received)));
+                }
+                if p.settle(&mut pipe, &consumer, &shutdown).await? {
+                    break; // rewound: `m` is read again
+                }
+                if let Err(e) = p.reload_progress().await {
+                    p.failed_transaction(&e.into()).await;
+                    p.rewind(&consumer, &shutdown).await?;
+                    break; // `m` is read again
+                }
+            }
+            p.apply_record(&mut part, &m);
+            drop(m);
+            if part.len >= MAX_BATCH {
+                break;
+            }
+            next = match consumer.recv().now_or_never() {
+                Some(Ok(m)) => {
+                    p.hold(&m);
+                    Some(m)
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "kafka receive error");
+                    None
+                }
+                None => None,
+            };
         }
+        if part.len > 0 {
+            p.end_batch(&mut pipe, part);
+        }
+        let busy = pipe
+            .inflight
+            .as_ref()
+            .is_some_and(|f| !f.task.is_finished());
+        if pipe.pending.is_empty() || (busy && pipe.pending_records < MAX_PENDING) {
+            continue; // written by the next transaction, together with what comes meanwhile
+        }
+        let finished = match pipe.inflight.take() {
+            Some(f) => p.finish(f, &consumer).await?,
+            None => Ok(()),
+        };
+        p.next_commit(&mut pipe, finished, &consumer, &shutdown)
+            .await?;
     }
-    p.settle(&mut inflight, &consumer, &shutdown).await?;
+    if p.settle(&mut pipe, &consumer, &shutdown).await? {
+        tracing::info!("a transaction did not commit at shutdown: its records are read again at the next start");
+    }
     tracing::info!("shutting down: evaluating deadlines and committing offsets");
     if let Err(e) = p.tick_with_retry(&shutdown).await {
         tracing::warn!(error = %e, "final deadline check failed");
@@ -416,7 +494,7 @@ impl Processor {
         Ok(())
     }
 
-    async fn reload_progress(&mut self) -> Result<(), ServiceError> {
+    async fn reload_progress(&mut self) -> Result<(), crate::store::StoreError> {
         let k = &self.settings.kafka;
         for o in self.store.offsets(&k.group_id, &k.topic).await? {
             let e = self
@@ -426,27 +504,6 @@ impl Processor {
             *e = (*e).max(o.next_offset);
         }
         Ok(())
-    }
-
-    async fn process_with_retry(
-        &mut self,
-        batch: &[OwnedMessage],
-        shutdown: &CancellationToken,
-    ) -> Result<Applied, ServiceError> {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.process(batch).await {
-                Ok(applied) => return Ok(applied),
-                Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
-                    self.shared.store_ok.store(false, Ordering::SeqCst);
-                    tracing::warn!(error = %e, retry_in = ?backoff, "store unavailable; retrying the batch");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                    self.reload().await.ok();
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
     }
 
     /// The engine's in-memory state may be ahead of the store after a failed transaction.
@@ -464,119 +521,217 @@ impl Processor {
     }
 
     /// Applies one batch in one transaction, holding the write lock throughout (after loading
-    /// what other writers committed).
-    async fn process(&mut self, batch: &[OwnedMessage]) -> Result<Applied, PersistError> {
+    /// what other writers committed): `first` and the records already fetched. A transaction that
+    /// fails for a transient reason is retried after a pause, by reading its records again.
+    async fn process_locked(
+        &mut self,
+        first: BorrowedMessage<'_>,
+        received: Instant,
+        consumer: &StreamConsumer<KeywatchContext>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ServiceError> {
         let store = self.store.clone(); // the transaction borrows it while `apply` borrows self
-        let mut tx = store.begin().await?;
-        if persist::sync(&mut tx, &mut self.engine, self.seq).await? {
-            saw_other_writer(&mut self.foreign_at);
+        let result: Result<(Part, Commit), PersistError> = async {
+            if self
+                .shared
+                .consumer
+                .reassigned
+                .swap(false, Ordering::SeqCst)
+            {
+                self.reload_progress().await?;
+            }
+            let mut tx = store.begin().await?;
+            if persist::sync(&mut tx, &mut self.engine, self.seq).await? {
+                saw_other_writer(&mut self.foreign_at);
+            }
+            let mut part = Part::new(received);
+            self.apply_record(&mut part, &first);
+            drop(first);
+            while part.len < MAX_BATCH {
+                match consumer.recv().now_or_never() {
+                    Some(Ok(m)) => {
+                        self.hold(&m);
+                        if self
+                            .shared
+                            .consumer
+                            .reassigned
+                            .swap(false, Ordering::SeqCst)
+                        {
+                            self.reload_progress().await?;
+                        }
+                        self.apply_record(&mut part, &m);
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "kafka receive error");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            self.engine.tick(Millis::now());
+            self.advance(&part.next);
+            let (effects, offsets) = self.take_effects([&part]);
+            let new_alerts = persist::write_effects(&mut tx, &effects, &offsets).await?;
+            self.seq = tx.commit().await?;
+            let commit = Commit {
+                alerts: effects.alerts,
+                new_alerts,
+                at: Instant::now(),
+            };
+            Ok((part, commit))
         }
-        let mut applied = self.apply(batch);
-        applied.new_alerts =
-            persist::write_effects(&mut tx, &applied.effects, &applied.offsets).await?;
-        self.seq = tx.commit().await?;
-        applied.committed_at = Some(Instant::now());
-        Ok(applied)
+        .await;
+        match result {
+            Ok((part, commit)) => {
+                self.after_commit(consumer, &[part], commit).await;
+                Ok(())
+            }
+            Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+                self.failed_transaction(&e).await;
+                self.rewind(consumer, shutdown).await
+            }
+            Err(e) => {
+                self.rewind(consumer, shutdown).await.ok();
+                Err(e.into())
+            }
+        }
     }
 
-    /// Applies one batch to the engine (no IO): records below the progress of their partition
-    /// are skipped, deadlines are evaluated, and the effects are taken out of the engine.
-    fn apply(&mut self, batch: &[OwnedMessage]) -> Applied {
-        // Per partition of the batch: (topic, partition) and the next offset to store. A batch
-        // holds a handful of partitions, so a short vector beats a map keyed by owned strings.
-        let mut parts: Vec<((&str, i32), i64)> = Vec::new();
-        let mut dead = Vec::new();
-        // [applied, ignored, duplicate, invalid], added to the metrics once the batch committed.
-        let mut counts = [0u64; 4];
-        for (i, m) in batch.iter().enumerate() {
-            let tp = (m.topic(), m.partition());
-            let slot = match parts.iter().position(|(p, _)| *p == tp) {
-                Some(i) => i,
-                None => {
-                    let done = self
-                        .progress
-                        .get(&(tp.0.to_owned(), tp.1))
-                        .copied()
-                        .unwrap_or(0);
-                    parts.push((tp, done));
-                    parts.len() - 1
-                }
-            };
-            if m.offset() < parts[slot].1 {
-                continue; // already applied (by this instance before a restart, or by another)
+    /// After a transaction that failed for a transient reason: reports it and pauses (the pause
+    /// doubles with every failure in a row, up to [`MAX_BACKOFF`]).
+    async fn failed_transaction(&mut self, e: &PersistError) {
+        self.shared.store_ok.store(false, Ordering::SeqCst);
+        tracing::warn!(error = %e, retry_in = ?self.backoff, "store unavailable; the records are read and applied again");
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    /// Applies one record to the engine (no IO) as part of `part`. A record below the progress
+    /// of its partition was applied already (by this instance before a restart or a rewind, or
+    /// by another) and is skipped.
+    fn apply_record(&mut self, part: &mut Part, m: &impl Message) {
+        self.unapplied = None;
+        part.len += 1;
+        if let Some(ms) = m.timestamp().to_millis() {
+            part.timestamps.push(ms);
+        }
+        let (topic, partition) = (m.topic(), m.partition());
+        let slot = match part
+            .next
+            .iter()
+            .position(|((t, p), _)| *p == partition && t == topic)
+        {
+            Some(i) => i,
+            None => {
+                let tp = (topic.to_owned(), partition);
+                let done = match self.progress.get(&tp) {
+                    Some(o) => *o,
+                    None => {
+                        // The first record of this partition since the start: where a rewind
+                        // goes back to while nothing of it is committed.
+                        self.committed.entry(tp.clone()).or_insert(m.offset());
+                        0
+                    }
+                };
+                part.next.push((tp, done));
+                part.next.len() - 1
             }
-            parts[slot].1 = m.offset() + 1;
-            let payload = m.payload().unwrap_or_default();
-            let disposition = self.engine.ingest(payload);
-            let metrics = &self.shared.metrics;
-            match &disposition {
-                Disposition::Applied => {
-                    counts[0] += 1;
-                    if let Ok(s) = skim(payload) {
-                        if let ActionField::Str(a) = &s.action {
-                            if let ActionClass::Key(k) = classify_action(a) {
-                                metrics.key_events.with_label_values(&[k.name()]).inc();
-                            }
-                        }
-                        if let Some(t) = s.event_time.as_deref().and_then(Millis::parse) {
-                            metrics.event_age.set(t.seconds_until(Millis::now()));
+        };
+        if m.offset() < part.next[slot].1 {
+            return;
+        }
+        part.next[slot].1 = m.offset() + 1;
+        let payload = m.payload().unwrap_or_default();
+        let disposition = self.engine.ingest(payload);
+        let metrics = &self.shared.metrics;
+        match &disposition {
+            Disposition::Applied => {
+                part.counts[0] += 1;
+                if let Ok(s) = skim(payload) {
+                    if let ActionField::Str(a) = &s.action {
+                        if let ActionClass::Key(k) = classify_action(a) {
+                            metrics.key_events.with_label_values(&[k.name()]).inc();
                         }
                     }
-                }
-                Disposition::Ignored => counts[1] += 1,
-                Disposition::Duplicate => counts[2] += 1,
-                Disposition::Invalid(reason) => {
-                    counts[3] += 1;
-                    tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), %reason, "invalid record");
-                    dead.push((i, reason.to_string()));
+                    if let Some(t) = s.event_time.as_deref().and_then(Millis::parse) {
+                        metrics.event_age.set(t.seconds_until(Millis::now()));
+                    }
                 }
             }
+            Disposition::Ignored => part.counts[1] += 1,
+            Disposition::Duplicate => part.counts[2] += 1,
+            Disposition::Invalid(reason) => {
+                part.counts[3] += 1;
+                tracing::warn!(topic, partition, offset = m.offset(), %reason, "invalid record");
+                part.dead.push(DeadRecord {
+                    topic: topic.to_owned(),
+                    partition,
+                    offset: m.offset(),
+                    payload: payload.to_vec(),
+                    reason: reason.to_string(),
+                });
+            }
         }
-        let next: BTreeMap<(String, i32), i64> = parts
-            .iter()
-            .map(|((topic, partition), o)| (((*topic).to_owned(), *partition), *o))
-            .collect();
-        let offsets: Vec<PartitionOffset> = next
-            .iter()
+    }
+
+    /// Notes the record in hand as taken but not applied (until [`apply_record`]).
+    ///
+    /// [`apply_record`]: Processor::apply_record
+    fn hold(&mut self, m: &impl Message) {
+        self.unapplied = Some((m.partition(), m.offset()));
+    }
+
+    /// Ends a batch applied in pipelined mode: deadlines are evaluated with every batch too (so
+    /// that the persisted state is current whenever a transaction commits; the 5 s tick covers
+    /// quiet periods), and the batch waits for the next transaction.
+    fn end_batch(&mut self, pipe: &mut Pipeline, part: Part) {
+        self.engine.tick(Millis::now());
+        self.advance(&part.next);
+        pipe.pending_records += part.len;
+        pipe.pending.push(part);
+    }
+
+    /// Takes the engine's changes and alerts since the last call, and the Kafka progress of the
+    /// batches they come from (`outcomes`: exactly the batches applied since the last call).
+    fn take_effects<'a>(
+        &mut self,
+        parts: impl IntoIterator<Item = &'a Part>,
+    ) -> (persist::Effects, Vec<PartitionOffset>) {
+        let mut next: BTreeMap<&(String, i32), i64> = BTreeMap::new();
+        for part in parts {
+            for (tp, o) in &part.next {
+                let e = next.entry(tp).or_insert(*o);
+                *e = (*e).max(*o);
+            }
+        }
+        let offsets = next
+            .into_iter()
             .map(|((topic, partition), o)| PartitionOffset {
                 group: self.settings.kafka.group_id.clone(),
                 topic: topic.clone(),
                 partition: *partition,
-                next_offset: *o,
+                next_offset: o,
             })
             .collect();
-        // Deadlines are evaluated with every batch too, so that the persisted state is current
-        // whenever a batch commits (the 5 s tick covers quiet periods).
-        self.engine.tick(Millis::now());
-        Applied {
-            effects: persist::take(&mut self.engine),
-            offsets,
-            new_alerts: 0,
-            committed_at: None,
-            outcome: Outcome { next, dead, counts },
-        }
+        (persist::take(&mut self.engine), offsets)
     }
 
     /// Records that the records up to `next` are applied to the engine (not yet committed).
-    fn advance(&mut self, next: &BTreeMap<(String, i32), i64>) {
+    fn advance(&mut self, next: &[((String, i32), i64)]) {
         for (tp, o) in next {
             let e = self.progress.entry(tp.clone()).or_insert(*o);
             *e = (*e).max(*o);
         }
     }
 
-    /// Starts the store transaction of a batch already applied to the engine. It writes only if
-    /// no other writer committed since this instance's last transaction; otherwise it writes
-    /// nothing and reports a conflict (the engine applied the batch to an outdated state).
-    fn commit_in_background(&self, batch: Batch, applied: Applied) -> InFlight {
+    /// Starts the store transaction of batches already applied to the engine (all those applied
+    /// since the last transaction). It writes only if no other writer committed since this
+    /// instance's last transaction; otherwise it writes nothing and reports a conflict (the
+    /// engine applied the batches to an outdated state).
+    fn commit_in_background(&mut self, parts: Vec<Part>) -> InFlight {
         let store = self.store.clone();
         let expected = self.seq;
-        let Applied {
-            effects,
-            offsets,
-            outcome,
-            ..
-        } = applied;
+        let (effects, offsets) = self.take_effects(&parts);
         let task = tokio::spawn(async move {
             let mut tx = store.begin().await?;
             if tx.seq() != expected {
@@ -592,41 +747,31 @@ impl Processor {
                 at: Instant::now(),
             })
         });
-        InFlight {
-            batch,
-            outcome,
-            task,
-        }
+        InFlight { parts, task }
     }
 
-    /// Waits for a batch's background transaction. Committed: its bookkeeping is done. Not
-    /// committed (conflict or store failure): the batch is handed back to be applied again.
+    /// Waits for a background transaction. Committed: its batches' bookkeeping is done. Not
+    /// committed (conflict or store failure): the batches are handed back to be applied again.
     async fn finish(
         &mut self,
         f: InFlight,
         consumer: &StreamConsumer<KeywatchContext>,
-    ) -> Result<Result<(), Batch>, ServiceError> {
-        let InFlight {
-            batch,
-            outcome,
-            task,
-        } = f;
-        let joined = task.await;
-        self.finish_joined(batch, outcome, joined, consumer).await
+    ) -> Result<Result<(), Vec<Part>>, ServiceError> {
+        let joined = f.task.await;
+        self.finish_joined(f.parts, joined, consumer).await
     }
 
     /// [`finish`](Processor::finish) once the transaction's task has ended.
     async fn finish_joined(
         &mut self,
-        batch: Batch,
-        outcome: Outcome,
+        parts: Vec<Part>,
         joined: Result<Result<Committed, PersistError>, tokio::task::JoinError>,
         consumer: &StreamConsumer<KeywatchContext>,
-    ) -> Result<Result<(), Batch>, ServiceError> {
+    ) -> Result<Result<(), Vec<Part>>, ServiceError> {
         let committed = match joined {
             Ok(r) => r,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => return Ok(Err(batch)), // cancelled: the runtime is shutting down
+            Err(_) => return Ok(Err(parts)), // cancelled: the runtime is shutting down
         };
         match committed {
             Ok(Committed::Done {
@@ -636,69 +781,141 @@ impl Processor {
                 at,
             }) => {
                 self.seq = seq;
-                let applied = Applied {
-                    effects,
-                    offsets: Vec::new(),
+                let commit = Commit {
+                    alerts: effects.alerts,
                     new_alerts,
-                    committed_at: Some(at),
-                    outcome,
+                    at,
                 };
-                self.after_commit(consumer, &batch, applied).await;
+                self.after_commit(consumer, &parts, commit).await;
                 Ok(Ok(()))
             }
             Ok(Committed::Conflict) => {
-                tracing::info!("a batch applied while another writer committed is applied again");
+                tracing::info!(
+                    batches = parts.len(),
+                    "batches applied while another writer committed are applied again"
+                );
                 saw_other_writer(&mut self.foreign_at);
-                Ok(Err(batch))
+                Ok(Err(parts))
             }
             Err(e) if e.is_transient() => {
-                self.shared.store_ok.store(false, Ordering::SeqCst);
-                tracing::warn!(error = %e, "store unavailable; retrying the batch");
-                Ok(Err(batch))
+                self.failed_transaction(&e).await;
+                Ok(Err(parts))
             }
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Waits for the batch in flight, if any, and applies it again if it did not commit.
-    async fn settle(
+    /// After the transaction in flight ended (`finished`): starts the next one with the pending
+    /// batches; or, when it did not commit, rewinds (the pending batches were applied on top of
+    /// it). Returns whether it rewound.
+    async fn next_commit(
         &mut self,
-        inflight: &mut Option<InFlight>,
+        pipe: &mut Pipeline,
+        finished: Result<(), Vec<Part>>,
         consumer: &StreamConsumer<KeywatchContext>,
         shutdown: &CancellationToken,
-    ) -> Result<(), ServiceError> {
-        if let Some(f) = inflight.take() {
-            if let Err(batch) = self.finish(f, consumer).await? {
-                self.redo(vec![batch], consumer, shutdown).await?;
+    ) -> Result<bool, ServiceError> {
+        match finished {
+            Ok(()) => {
+                if !pipe.pending.is_empty() {
+                    let parts = pipe.take_pending();
+                    pipe.inflight = Some(self.commit_in_background(parts));
+                }
+                Ok(false)
+            }
+            Err(_) => {
+                pipe.take_pending();
+                self.rewind(consumer, shutdown).await?;
+                Ok(true)
             }
         }
-        Ok(())
     }
 
-    /// After a batch that did not commit: reloads the engine and the progress from the store
-    /// (dropping every uncommitted effect) and applies `batches` again, in order, under the lock.
-    async fn redo(
+    /// Commits everything applied: waits for the transaction in flight, then writes the pending
+    /// batches. Returns whether a transaction did not commit and the consumer was rewound (so
+    /// that a record in hand must not be applied: it is read again).
+    async fn settle(
         &mut self,
-        batches: Vec<Batch>,
+        pipe: &mut Pipeline,
+        consumer: &StreamConsumer<KeywatchContext>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, ServiceError> {
+        let mut rewound = false;
+        loop {
+            let finished = match pipe.inflight.take() {
+                Some(f) => self.finish(f, consumer).await?,
+                None => Ok(()),
+            };
+            rewound |= self.next_commit(pipe, finished, consumer, shutdown).await?;
+            if pipe.inflight.is_none() && pipe.pending.is_empty() {
+                return Ok(rewound);
+            }
+        }
+    }
+
+    /// After a transaction that did not commit (another writer committed first, or the store
+    /// failed): drops every uncommitted effect by reloading the engine from the store, and moves
+    /// the consumer back to the committed progress, so that the records from there are read and
+    /// applied again (under the write lock while another writer is around).
+    async fn rewind(
+        &mut self,
         consumer: &StreamConsumer<KeywatchContext>,
         shutdown: &CancellationToken,
     ) -> Result<(), ServiceError> {
-        let mut backoff = Duration::from_millis(100);
+        // The record in hand, if any, must be read again as well.
+        if let Some((partition, offset)) = self.unapplied.take() {
+            let tp = (self.settings.kafka.topic.clone(), partition);
+            self.committed.entry(tp.clone()).or_insert(offset);
+            let e = self.progress.entry(tp).or_insert(offset + 1);
+            *e = (*e).max(offset + 1);
+        }
+        let applied = std::mem::replace(&mut self.progress, self.committed.clone());
+        let mut backoff = FIRST_BACKOFF;
         loop {
-            match self.reload().await {
+            let reloaded = match self.reload().await {
+                Ok(()) => self.reload_progress().await.map_err(PersistError::from),
+                Err(e) => Err(e),
+            };
+            match reloaded {
                 Ok(()) => break,
                 Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
                 Err(e) => return Err(e.into()),
             }
         }
-        self.progress = self.committed.clone();
-        self.reload_progress().await?;
-        for batch in batches {
-            let applied = self.process_with_retry(&batch.records, shutdown).await?;
-            self.after_commit(consumer, &batch, applied).await;
+        for ((topic, partition), ahead) in applied {
+            let Some(&back) = self.progress.get(&(topic.clone(), partition)) else {
+                continue;
+            };
+            if back >= ahead {
+                continue;
+            }
+            // With a timeout, librdkafka drops what it fetched from the old position before
+            // the call returns: no record past `back` is handed out before the ones from `back`.
+            match consumer.seek(
+                &topic,
+                partition,
+                rdkafka::Offset::Offset(back),
+                Duration::from_secs(10),
+            ) {
+                Ok(()) => {
+                    tracing::info!(
+                        topic,
+                        partition,
+                        from = ahead,
+                        to = back,
+                        "records not committed are read again"
+                    );
+                }
+                // A partition no longer assigned is read by its new owner from the stored
+                // progress.
+                Err(e) if !self.shared.consumer.is_assigned(&topic, partition) => {
+                    tracing::debug!(error = %e, topic, partition, "not rewound: partition revoked");
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(())
     }
@@ -708,49 +925,49 @@ impl Processor {
     async fn after_commit(
         &mut self,
         consumer: &StreamConsumer<KeywatchContext>,
-        batch: &Batch,
-        applied: Applied,
+        parts: &[Part],
+        commit: Commit,
     ) {
         let shared = self.shared.clone();
         shared.store_ok.store(true, Ordering::SeqCst);
-        for (n, result) in
-            applied
-                .outcome
-                .counts
-                .iter()
-                .zip(["applied", "ignored", "duplicate", "invalid"])
-        {
-            if *n > 0 {
-                shared
-                    .metrics
-                    .events
-                    .with_label_values(&[result])
-                    .inc_by(*n);
-            }
+        self.backoff = FIRST_BACKOFF;
+        self.count_alerts(&commit.alerts);
+        if commit.new_alerts > 0 {
+            tracing::info!(alerts = commit.new_alerts, "alerts stored");
         }
-        self.count_alerts(&applied.effects.alerts);
-        if applied.new_alerts > 0 {
-            tracing::info!(alerts = applied.new_alerts, "alerts stored");
-        }
-        self.advance(&applied.outcome.next);
-        for (tp, o) in &applied.outcome.next {
-            self.committed.insert(tp.clone(), *o);
-        }
-        self.dead_letter(&batch.records, &applied.outcome.dead)
-            .await;
         shared.batches.fetch_add(1, Ordering::Relaxed);
-        shared
-            .metrics
-            .batch_records
-            .observe(batch.records.len() as f64);
-        // Measured to the commit, not to now: a pipelined batch's bookkeeping waits for the
-        // next batch, while its state was committed (and visible) already.
-        let at = applied.committed_at.unwrap_or_else(Instant::now);
-        let took = at.saturating_duration_since(batch.received).as_secs_f64();
-        let committed_at = Millis(Millis::now().0 - at.elapsed().as_millis() as i64);
-        for m in &batch.records {
-            shared.metrics.processing.observe(took);
-            if let Some(ms) = m.timestamp().to_millis() {
+        let records: usize = parts.iter().map(|p| p.len).sum();
+        shared.metrics.batch_records.observe(records as f64);
+        // Measured to the commit, not to now: the bookkeeping of a pipelined transaction may
+        // wait for the loop, while its state was committed (and visible) already.
+        let committed_at = Millis(Millis::now().0 - commit.at.elapsed().as_millis() as i64);
+        for part in parts {
+            for (n, result) in
+                part.counts
+                    .iter()
+                    .zip(["applied", "ignored", "duplicate", "invalid"])
+            {
+                if *n > 0 {
+                    shared
+                        .metrics
+                        .events
+                        .with_label_values(&[result])
+                        .inc_by(*n);
+                }
+            }
+            self.advance(&part.next);
+            for (tp, o) in &part.next {
+                self.committed.insert(tp.clone(), *o);
+            }
+            self.dead_letter(&part.dead).await;
+            let took = commit
+                .at
+                .saturating_duration_since(part.received)
+                .as_secs_f64();
+            for _ in 0..part.len {
+                shared.metrics.processing.observe(took);
+            }
+            for ms in &part.timestamps {
                 shared
                     .metrics
                     .produce_to_commit
@@ -759,7 +976,14 @@ impl Processor {
         }
         // `next` holds the next offset to read. `store_offset` would store offset + 1 (librdkafka's
         // rd_kafka_offset_store semantics); a partition list is stored exactly as given.
-        for ((topic, partition), offset) in &applied.outcome.next {
+        let touched: std::collections::BTreeSet<&(String, i32)> = parts
+            .iter()
+            .flat_map(|p| p.next.iter().map(|(tp, _)| tp))
+            .collect();
+        for tp @ (topic, partition) in touched {
+            let Some(offset) = self.committed.get(tp) else {
+                continue;
+            };
             let mut tpl = rdkafka::TopicPartitionList::new();
             let stored = tpl
                 .add_partition_offset(topic, *partition, rdkafka::Offset::Offset(*offset))
@@ -773,22 +997,21 @@ impl Processor {
     /// Sends invalid records to the dead-letter topic, with the reason and origin as headers.
     /// Best effort after the batch is durable: a failure is logged (the record is counted invalid
     /// and logged with its position either way).
-    async fn dead_letter(&self, batch: &[OwnedMessage], dead: &[(usize, String)]) {
+    async fn dead_letter(&self, dead: &[DeadRecord]) {
         let Some((producer, topic)) = &self.dlq else {
             return;
         };
-        for (i, reason) in dead {
-            let m = &batch[*i];
-            let partition = m.partition().to_string();
-            let offset = m.offset().to_string();
+        for d in dead {
+            let partition = d.partition.to_string();
+            let offset = d.offset.to_string();
             let headers = OwnedHeaders::new()
                 .insert(Header {
                     key: "keywatch-reason",
-                    value: Some(reason.as_bytes()),
+                    value: Some(d.reason.as_bytes()),
                 })
                 .insert(Header {
                     key: "keywatch-source-topic",
-                    value: Some(m.topic().as_bytes()),
+                    value: Some(d.topic.as_bytes()),
                 })
                 .insert(Header {
                     key: "keywatch-source-partition",
@@ -798,11 +1021,11 @@ impl Processor {
                     key: "keywatch-source-offset",
                     value: Some(offset.as_bytes()),
                 });
-            let payload = m.payload().unwrap_or_default();
-            let record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(topic).payload(payload).headers(headers);
+            let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+                .payload(d.payload.as_slice())
+                .headers(headers);
             if let Err((e, _)) = producer.send(record, Duration::from_secs(30)).await {
-                tracing::error!(error = %e, partition = m.partition(), offset = m.offset(), "dead-letter produce failed");
+                tracing::error!(error = %e, partition = d.partition, offset = d.offset, "dead-letter produce failed");
             }
         }
     }

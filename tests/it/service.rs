@@ -425,6 +425,60 @@ fn scale_out_postgres() {
     );
 }
 
+/// The store's connections are killed again and again while the service (alone on PostgreSQL,
+/// so it pipelines its transactions) consumes a stream arriving in small pieces: transactions fail
+/// mid-way, and the service must drop their effects, read their records again from Kafka (none
+/// is kept in memory for a retry) and end with exactly the state and alerts of an undisturbed run.
+#[test]
+fn store_connections_killed() {
+    let _timing = Timing::start("store_connections_killed");
+    let brokers = brokers();
+    let db = PgDatabase::create();
+    let dir = tempfile::tempdir().unwrap();
+    let (events, registry) = generate(dir.path(), 3_000, 31_337, FUTURE_START);
+    let all = records(&events);
+    let n = all.len();
+    let topic = unique("pgkill");
+    create_topic(&brokers, &topic, 4);
+    let mut setup = Setup::new(&brokers, &topic, &registry);
+    setup.store_url = db.url.clone();
+    setup.write();
+    let parts = assign_partitions(&all, &OrderGroups::from_registry(&registry), 4);
+
+    let mut svc = setup.start("run");
+    svc.wait_assigned(CATCH_UP);
+    let killer = db.connection_killer();
+    let chunk = n.div_ceil(30);
+    for start in (0..n).step_by(chunk) {
+        let end = (start + chunk).min(n);
+        produce(&brokers, &topic, &all[start..end], &parts[start..end]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let killed = killer.stop();
+    assert!(killed > 0, "no connection was killed");
+    wait_for_events(&setup.config, n as u64, CATCH_UP, &[&svc]);
+    let exit = svc.terminate();
+    assert!(exit.success(), "exited with {exit}\n{}", svc.log_tail(30));
+    let log = svc.log_text();
+    assert!(
+        log.contains("store unavailable"),
+        "no transaction failed, so nothing was tested:\n{}",
+        svc.log_tail(30)
+    );
+
+    let (_, got, want) = status_and_replay(&setup.config, &events);
+    assert_same_report(
+        "PostgreSQL connections killed while the service consumes: status vs replay",
+        &got,
+        &want,
+        Compare {
+            stats: true,
+            alert_fields: ALERT_ALL,
+        },
+    );
+}
+
 /// Another process writes into the store while the service runs (`replay --store` backfilling
 /// the middle third of a stream into the same SQLite file): the service's next batch, applied to
 /// an engine that does not know those writes (while the batch before it committed, or from the

@@ -838,6 +838,56 @@ impl PgDatabase {
     }
 }
 
+impl PgDatabase {
+    /// Starts killing every connection to this database, over and over (as an administrator or
+    /// a failover would), on a thread of its own until [`ConnectionKiller::stop`].
+    pub fn connection_killer(&self) -> ConnectionKiller {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (admin_url, name, flag) = (self.admin_url.clone(), self.name.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            use sqlx::Connection;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let mut conn = sqlx::PgConnection::connect(&admin_url)
+                    .await
+                    .unwrap_or_else(|e| panic!("connect to {admin_url}: {e}"));
+                let mut killed = 0;
+                while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    let k: Vec<bool> = sqlx::query_scalar(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    )
+                    .bind(&name)
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap_or_else(|e| panic!("terminate the connections to {name}: {e}"));
+                    killed += k.into_iter().filter(|k| *k).count();
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                }
+                conn.close().await.ok();
+                killed
+            })
+        });
+        ConnectionKiller { stop, thread }
+    }
+}
+
+pub struct ConnectionKiller {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<usize>,
+}
+
+impl ConnectionKiller {
+    /// Stops killing; returns how many connections were killed.
+    pub fn stop(self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().expect("the killer thread")
+    }
+}
+
 impl Drop for PgDatabase {
     fn drop(&mut self) {
         pg_execute(
