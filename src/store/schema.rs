@@ -29,6 +29,11 @@ const SQLITE: &[Migration] = &[
         name: "delivery",
         sql: include_str!("migrations/sqlite/0002_delivery.sql"),
     },
+    Migration {
+        version: 3,
+        name: "entities_rowid",
+        sql: include_str!("migrations/sqlite/0003_entities_rowid.sql"),
+    },
 ];
 
 const POSTGRES: &[Migration] = &[
@@ -145,6 +150,30 @@ pub(super) fn latest_version(backend: &str) -> i64 {
         POSTGRES
     };
     migrations.last().map_or(0, |m| m.version)
+}
+
+/// Creates the SQLite schema as an earlier build left it, up to `version` (for upgrade tests).
+#[cfg(test)]
+pub(super) async fn sqlite_schema_up_to(
+    conn: &mut sqlx::SqliteConnection,
+    version: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(CREATE_MIGRATIONS_TABLE)
+        .execute(&mut *conn)
+        .await?;
+    for m in SQLITE.iter().filter(|m| m.version <= version) {
+        sqlx::raw_sql(m.sql).execute(&mut *conn).await?;
+        sqlx::query(
+            "INSERT INTO keywatch_migrations (version, name, checksum, applied_at) \
+             VALUES ($1, $2, $3, 'then')",
+        )
+        .bind(m.version)
+        .bind(m.name)
+        .bind(checksum(m.sql))
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
 }
 
 fn checksum(sql: &str) -> String {

@@ -673,6 +673,83 @@ async fn postgres_a_cancelled_begin_leaves_no_lock_behind() {
 // ---------------------------------------------------------------------------------------------
 // Opening: URLs, files, errors.
 
+/// A database of schema version 2 (entities WITHOUT ROWID) is migrated to version 3 (a rowid
+/// table) with every entity, document and sequence number kept, and the change feed index back.
+#[tokio::test]
+async fn sqlite_version_2_upgrades_to_a_rowid_entities_table() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("v2.db");
+    let url = format!("sqlite://{}", path.display());
+    let big = "x".repeat(3000); // spilled to an overflow page in a WITHOUT ROWID table
+    {
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true);
+        let mut conn = sqlx::SqliteConnection::connect_with(&options)
+            .await
+            .expect("open");
+        schema::sqlite_schema_up_to(&mut conn, 2)
+            .await
+            .expect("schema version 2");
+        for (kind, id, doc, seq) in [
+            ("key", "k1", format!("{{\"big\":\"{big}\"}}"), 1),
+            ("deployment", "d1", "{\"state\":\"active\"}".to_owned(), 2),
+        ] {
+            sqlx::query("INSERT INTO entities (kind, id, doc, seq) VALUES ($1, $2, $3, $4)")
+                .bind(kind)
+                .bind(id)
+                .bind(doc)
+                .bind(seq)
+                .execute(&mut conn)
+                .await
+                .expect("insert");
+        }
+        sqlx::query("UPDATE store_meta SET entity_seq = 2")
+            .execute(&mut conn)
+            .await
+            .expect("seq");
+        conn.close().await.expect("close");
+    }
+    let store = Store::connect(&url).await.expect("connect and migrate");
+    assert_eq!(applied_migrations(&store).await, 3);
+    let table: String = on_pool!(&store.pool, |p| sqlx::query_scalar(
+        "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'entities'"
+    )
+    .fetch_one(p)
+    .await)
+    .expect("entities table");
+    assert!(!table.contains("WITHOUT ROWID"), "{table}");
+    let indexed: i64 = on_pool!(&store.pool, |p| sqlx::query_scalar(
+        "SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND name = 'entities_by_seq'"
+    )
+    .fetch_one(p)
+    .await)
+    .expect("index");
+    assert_eq!(indexed, 1);
+    let snapshot = store.load().await.expect("load");
+    assert_eq!(snapshot.seq, 2);
+    let got: Vec<(String, String, i64)> = snapshot
+        .entities
+        .iter()
+        .map(|e| (e.kind.clone(), e.id.clone(), e.seq))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("deployment".to_owned(), "d1".to_owned(), 2),
+            ("key".to_owned(), "k1".to_owned(), 1)
+        ]
+    );
+    assert_eq!(snapshot.entities[1].doc, json!({ "big": big }));
+    // Upserts still find the row by (id, kind).
+    put(&store, &[("key", "k1", json!({"state": "disabled"}))]).await;
+    let snapshot = store.load().await.expect("load again");
+    assert_eq!(snapshot.entities.len(), 2);
+    assert_eq!(snapshot.entities[1].doc, json!({"state": "disabled"}));
+    assert_eq!(snapshot.entities[1].seq, 3);
+    store.close().await;
+}
+
 #[tokio::test]
 async fn sqlite_creates_the_file_and_its_parent_directories() {
     let dir = tempfile::tempdir().expect("tempdir");
