@@ -15,12 +15,12 @@ fn main() {
         std::process::exit(1);
     }
     let count: u64 = args[3].parse().expect("COUNT is a number");
-    let consumer = common::fresh_consumer(
-        &args[1],
-        &args[2],
-        "drain",
-        &[("enable.auto.commit", "false")],
-    );
+    // DRAIN_PROPERTIES="name=value,name=value" adds consumer properties (to compare prefetch
+    // settings, e.g. keywatch's own).
+    let extra = std::env::var("DRAIN_PROPERTIES").unwrap_or_default();
+    let mut settings = vec![("enable.auto.commit", "false")];
+    settings.extend(extra.split(',').filter_map(|kv| kv.split_once('=')));
+    let consumer = common::fresh_consumer(&args[1], &args[2], "drain", &settings);
     let mut n = 0u64;
     let mut bytes = 0u64;
     let mut first: Option<Instant> = None;
