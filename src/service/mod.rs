@@ -532,14 +532,7 @@ impl Processor {
     ) -> Result<(), ServiceError> {
         let store = self.store.clone(); // the transaction borrows it while `apply` borrows self
         let result: Result<(Part, Commit), PersistError> = async {
-            if self
-                .shared
-                .consumer
-                .reassigned
-                .swap(false, Ordering::SeqCst)
-            {
-                self.reload_progress().await?;
-            }
+            self.progress_after_rebalance().await?;
             let mut tx = store.begin().await?;
             if persist::sync(&mut tx, &mut self.engine, self.seq).await? {
                 saw_other_writer(&mut self.foreign_at);
@@ -551,14 +544,7 @@ impl Processor {
                 match consumer.recv().now_or_never() {
                     Some(Ok(m)) => {
                         self.hold(&m);
-                        if self
-                            .shared
-                            .consumer
-                            .reassigned
-                            .swap(false, Ordering::SeqCst)
-                        {
-                            self.reload_progress().await?;
-                        }
+                        self.progress_after_rebalance().await?;
                         self.apply_record(&mut part, &m);
                     }
                     Some(Err(e)) => {
@@ -595,6 +581,20 @@ impl Processor {
                 Err(e.into())
             }
         }
+    }
+
+    /// After a rebalance (noted by the consumer context): takes the stored progress of the
+    /// partitions this instance may have been given, before a record of theirs is applied.
+    async fn progress_after_rebalance(&mut self) -> Result<(), crate::store::StoreError> {
+        if self
+            .shared
+            .consumer
+            .reassigned
+            .swap(false, Ordering::SeqCst)
+        {
+            self.reload_progress().await?;
+        }
+        Ok(())
     }
 
     /// After a transaction that failed for a transient reason: reports it and pauses (the pause
