@@ -310,8 +310,8 @@ pub async fn run(
             // not when the next record comes, and what was applied meanwhile is written next.
             joined = join_in_flight(&mut pipe.inflight), if pipe.inflight.is_some() => {
                 let f = pipe.inflight.take().expect("a transaction in flight");
-                let finished = p.finish_joined(f.parts, joined, &consumer).await?;
-                p.next_commit(&mut pipe, finished, &consumer, &shutdown).await?;
+                let committed = p.finish_joined(f.parts, joined, &consumer).await?;
+                p.next_commit(&mut pipe, committed, &consumer, &shutdown).await?;
                 continue;
             }
         };
@@ -380,11 +380,11 @@ pub async fn run(
         if pipe.pending.is_empty() || (busy && pipe.pending_records < MAX_PENDING) {
             continue; // written by the next transaction, together with what comes meanwhile
         }
-        let finished = match pipe.inflight.take() {
+        let committed = match pipe.inflight.take() {
             Some(f) => p.finish(f, &consumer).await?,
-            None => Ok(()),
+            None => true,
         };
-        p.next_commit(&mut pipe, finished, &consumer, &shutdown)
+        p.next_commit(&mut pipe, committed, &consumer, &shutdown)
             .await?;
     }
     if p.settle(&mut pipe, &consumer, &shutdown).await? {
@@ -443,7 +443,7 @@ impl Processor {
         f: impl FnOnce(&mut Engine) -> Result<T, String>,
     ) -> Result<Result<T, String>, ServiceError> {
         let mut f = Some(f);
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = FIRST_BACKOFF;
         loop {
             let r: Result<Result<T, String>, PersistError> = async {
                 let mut tx = self.store.begin().await?;
@@ -461,7 +461,7 @@ impl Processor {
                 Ok(out) => return Ok(out),
                 Err(e) if e.is_transient() && !shutdown.is_cancelled() && f.is_some() => {
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
                 Err(e) => {
                     self.reload().await.ok();
@@ -692,7 +692,7 @@ impl Processor {
     }
 
     /// Takes the engine's changes and alerts since the last call, and the Kafka progress of the
-    /// batches they come from (`outcomes`: exactly the batches applied since the last call).
+    /// batches they come from (`parts`: exactly the batches applied since the last call).
     fn take_effects<'a>(
         &mut self,
         parts: impl IntoIterator<Item = &'a Part>,
@@ -750,13 +750,14 @@ impl Processor {
         InFlight { parts, task }
     }
 
-    /// Waits for a background transaction. Committed: its batches' bookkeeping is done. Not
-    /// committed (conflict or store failure): the batches are handed back to be applied again.
+    /// Waits for a background transaction and returns whether it committed. Committed: its
+    /// batches' bookkeeping is done. Not committed (conflict or store failure): nothing of them is
+    /// in the store, and the caller rewinds.
     async fn finish(
         &mut self,
         f: InFlight,
         consumer: &StreamConsumer<KeywatchContext>,
-    ) -> Result<Result<(), Vec<Part>>, ServiceError> {
+    ) -> Result<bool, ServiceError> {
         let joined = f.task.await;
         self.finish_joined(f.parts, joined, consumer).await
     }
@@ -767,11 +768,11 @@ impl Processor {
         parts: Vec<Part>,
         joined: Result<Result<Committed, PersistError>, tokio::task::JoinError>,
         consumer: &StreamConsumer<KeywatchContext>,
-    ) -> Result<Result<(), Vec<Part>>, ServiceError> {
+    ) -> Result<bool, ServiceError> {
         let committed = match joined {
             Ok(r) => r,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => return Ok(Err(parts)), // cancelled: the runtime is shutting down
+            Err(_) => return Ok(false), // cancelled: the runtime is shutting down
         };
         match committed {
             Ok(Committed::Done {
@@ -787,7 +788,7 @@ impl Processor {
                     at,
                 };
                 self.after_commit(consumer, &parts, commit).await;
-                Ok(Ok(()))
+                Ok(true)
             }
             Ok(Committed::Conflict) => {
                 tracing::info!(
@@ -795,40 +796,36 @@ impl Processor {
                     "batches applied while another writer committed are applied again"
                 );
                 saw_other_writer(&mut self.foreign_at);
-                Ok(Err(parts))
+                Ok(false)
             }
             Err(e) if e.is_transient() => {
                 self.failed_transaction(&e).await;
-                Ok(Err(parts))
+                Ok(false)
             }
             Err(e) => Err(e.into()),
         }
     }
 
-    /// After the transaction in flight ended (`finished`): starts the next one with the pending
-    /// batches; or, when it did not commit, rewinds (the pending batches were applied on top of
-    /// it). Returns whether it rewound.
+    /// After the transaction in flight ended (`committed` or not): starts the next one with the
+    /// pending batches; or, when it did not commit, rewinds (the pending batches were applied on
+    /// top of it). Returns whether it rewound.
     async fn next_commit(
         &mut self,
         pipe: &mut Pipeline,
-        finished: Result<(), Vec<Part>>,
+        committed: bool,
         consumer: &StreamConsumer<KeywatchContext>,
         shutdown: &CancellationToken,
     ) -> Result<bool, ServiceError> {
-        match finished {
-            Ok(()) => {
-                if !pipe.pending.is_empty() {
-                    let parts = pipe.take_pending();
-                    pipe.inflight = Some(self.commit_in_background(parts));
-                }
-                Ok(false)
-            }
-            Err(_) => {
-                pipe.take_pending();
-                self.rewind(consumer, shutdown).await?;
-                Ok(true)
-            }
+        if !committed {
+            pipe.take_pending();
+            self.rewind(consumer, shutdown).await?;
+            return Ok(true);
         }
+        if !pipe.pending.is_empty() {
+            let parts = pipe.take_pending();
+            pipe.inflight = Some(self.commit_in_background(parts));
+        }
+        Ok(false)
     }
 
     /// Commits everything applied: waits for the transaction in flight, then writes the pending
@@ -842,11 +839,13 @@ impl Processor {
     ) -> Result<bool, ServiceError> {
         let mut rewound = false;
         loop {
-            let finished = match pipe.inflight.take() {
+            let committed = match pipe.inflight.take() {
                 Some(f) => self.finish(f, consumer).await?,
-                None => Ok(()),
+                None => true,
             };
-            rewound |= self.next_commit(pipe, finished, consumer, shutdown).await?;
+            rewound |= self
+                .next_commit(pipe, committed, consumer, shutdown)
+                .await?;
             if pipe.inflight.is_none() && pipe.pending.is_empty() {
                 return Ok(rewound);
             }
@@ -955,7 +954,7 @@ impl Processor {
                         .inc_by(*n);
                 }
             }
-            self.advance(&part.next);
+            // `progress` was advanced when the batch was applied.
             for (tp, o) in &part.next {
                 self.committed.insert(tp.clone(), *o);
             }
@@ -1031,7 +1030,7 @@ impl Processor {
     }
 
     async fn tick_with_retry(&mut self, shutdown: &CancellationToken) -> Result<(), ServiceError> {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = FIRST_BACKOFF;
         loop {
             let r: Result<(), PersistError> = async {
                 let mut tx = self.store.begin().await?;
@@ -1050,7 +1049,7 @@ impl Processor {
                 Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
                     tracing::warn!(error = %e, "store unavailable during the deadline check; retrying");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     self.reload().await.ok();
                 }
                 Err(e) => return Err(e.into()),
