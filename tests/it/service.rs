@@ -171,16 +171,7 @@ fn restart_resumes_after_graceful_stop() {
     let mut svc = setup.start("run-2");
     wait_for_events(&setup.config, n as u64, CATCH_UP, &[&svc]);
     assert!(svc.terminate().success(), "{}", svc.log_tail(30));
-    let t = now_text();
-    assert_same_report(
-        "stop, more records, restart: status vs replay",
-        &status(&setup.config, Some(&t)),
-        &replay(&setup.config, &t, &events),
-        Compare {
-            stats: true,
-            alert_fields: ALERT_ALL,
-        },
-    );
+    assert_status_equals_replay("stop, more records, restart", &setup.config, &events);
 }
 
 /// Kill -9 in the middle of a stream, restart: the result equals an uninterrupted replay's.
@@ -251,17 +242,9 @@ fn crash_safety() {
     let exit = second.terminate();
     assert!(exit.success(), "exit {exit}\n{}", second.log_tail(30));
 
-    let (_, got, want) = status_and_replay(&setup.config, &events);
     // Every field of every alert, as a multiset: no alert lost, none twice.
-    assert_same_report(
-        "after kill -9 and restart: status vs replay",
-        &got,
-        &want,
-        Compare {
-            stats: true,
-            alert_fields: ALERT_ALL,
-        },
-    );
+    let (got, want) =
+        assert_status_equals_replay("after kill -9 and restart", &setup.config, &events);
     assert_eq!(
         got["alerts"].as_array().unwrap().len(),
         want["alerts"].as_array().unwrap().len()
@@ -413,15 +396,10 @@ fn scale_out_postgres() {
         a.log_tail(30)
     );
 
-    let (_, got, want) = status_and_replay(&setup.config, &events);
-    assert_same_report(
-        "two instances on PostgreSQL, then one: status vs replay",
-        &got,
-        &want,
-        Compare {
-            stats: true,
-            alert_fields: ALERT_ALL,
-        },
+    assert_status_equals_replay(
+        "two instances on PostgreSQL, then one",
+        &setup.config,
+        &events,
     );
 }
 
@@ -467,15 +445,10 @@ fn store_connections_killed() {
         svc.log_tail(30)
     );
 
-    let (_, got, want) = status_and_replay(&setup.config, &events);
-    assert_same_report(
-        "PostgreSQL connections killed while the service consumes: status vs replay",
-        &got,
-        &want,
-        Compare {
-            stats: true,
-            alert_fields: ALERT_ALL,
-        },
+    assert_status_equals_replay(
+        "PostgreSQL connections killed while the service consumes",
+        &setup.config,
+        &events,
     );
 }
 
@@ -516,15 +489,10 @@ fn another_writer_between_batches() {
         svc.log_tail(30)
     );
 
-    let (_, got, want) = status_and_replay(&setup.config, &events);
-    assert_same_report(
-        "a backfill between the service's batches: status vs replay",
-        &got,
-        &want,
-        Compare {
-            stats: true,
-            alert_fields: ALERT_ALL,
-        },
+    assert_status_equals_replay(
+        "a backfill between the service's batches",
+        &setup.config,
+        &events,
     );
 }
 
@@ -568,16 +536,7 @@ fn poison_input() {
     let dead = consume_all(&brokers, &dlq, 1, poison.len(), Duration::from_secs(30));
     assert!(svc.terminate().success(), "{}", svc.log_tail(30));
 
-    let (_, got, want) = status_and_replay(&setup.config, &events);
-    assert_same_report(
-        "poisoned stream: status vs replay",
-        &got,
-        &want,
-        Compare {
-            stats: true,
-            alert_fields: ALERT_ALL,
-        },
-    );
+    let (got, _) = assert_status_equals_replay("poisoned stream", &setup.config, &events);
     assert_eq!(
         got["stats"]["invalid"],
         poison.len(),
@@ -730,14 +689,5 @@ fn broker_fault() {
     assert_eq!(svc.pid(), pid, "no restart");
     assert!(svc.terminate().success(), "{}", svc.log_tail(30));
 
-    let t = now_text();
-    assert_same_report(
-        "after broker faults: status vs replay",
-        &status(&setup.config, Some(&t)),
-        &replay(&setup.config, &t, &events),
-        Compare {
-            stats: true,
-            alert_fields: ALERT_ALL,
-        },
-    );
+    assert_status_equals_replay("after broker faults", &setup.config, &events);
 }

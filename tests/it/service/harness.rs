@@ -375,6 +375,23 @@ pub fn status_and_replay(config: &Path, events: &Path) -> (String, Value, Value)
     (now, got, want)
 }
 
+/// Asserts that `keywatch status` equals what `replay` makes of `events` (at the same `--now`):
+/// state, stats and every field of every alert as a multiset, so no alert is lost and none is
+/// there twice. Returns both reports, for further checks.
+pub fn assert_status_equals_replay(what: &str, config: &Path, events: &Path) -> (Value, Value) {
+    let (_, got, want) = status_and_replay(config, events);
+    assert_same_report(
+        &format!("{what}: status vs replay"),
+        &got,
+        &want,
+        Compare {
+            stats: true,
+            alert_fields: ALERT_ALL,
+        },
+    );
+    (got, want)
+}
+
 /// `keywatch publish --config C [--topic T] FILE`.
 pub fn publish(config: &Path, topic: Option<&str>, file: &Path) {
     let mut c = keywatch();
