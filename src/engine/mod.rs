@@ -1233,50 +1233,56 @@ impl Engine {
 
     /// Evaluates deadlines at `now`: rewrap deadlines and the automatic purge of deleted keys.
     pub fn tick(&mut self, now: Millis) {
-        let crns: Vec<String> = self.deployments.keys().cloned().collect();
-        for crn in crns {
-            let key = self.key_of(&crn);
-            let Some(k) = self.keys.get(&key) else {
-                continue;
-            };
-            let d = &self.deployments[&crn];
-            let (state, deadline, since) = view::rewrap_detail(d, k, &self.lifecycle);
-            if state == Rewrap::Pending {
-                if let (Some(deadline), Some(since)) = (deadline, since) {
-                    if now >= deadline {
-                        let corr = k
-                            .rotations
-                            .iter()
-                            .find(|r| r.time == since)
-                            .and_then(|r| r.correlation_id.clone());
-                        let rec = self.deployments.get_mut(&crn).expect("deployment");
-                        rec.clock_overdue_for = Some(since);
-                        self.dirty.mark(EntityKind::Deployment, &crn);
-                        let cause = format!("clock:rewrap:{}", since.0);
-                        let summary = format!("rewrap not confirmed by the deadline {deadline}");
-                        self.raise(
-                            AlertKind::RewrapOverdue,
-                            Severity::Warning,
-                            &crn,
-                            &key,
-                            Some((deadline, corr)),
-                            &cause,
-                            summary,
-                        );
+        // Found first, changed after (this runs after every batch, so it copies nothing that is
+        // not due): marking one deployment overdue or one key purged changes nothing another
+        // deployment or key is due for.
+        let overdue: Vec<(String, String, Millis, Millis)> = self
+            .deployments
+            .iter()
+            .filter_map(|(crn, d)| {
+                let key = &self.deployment_index.get(crn)?.key_entity;
+                let k = self.keys.get(key)?;
+                match view::rewrap_detail(d, k, &self.lifecycle) {
+                    (Rewrap::Pending, Some(deadline), Some(since)) if now >= deadline => {
+                        Some((crn.clone(), key.clone(), deadline, since))
                     }
+                    _ => None,
                 }
-            }
+            })
+            .collect();
+        for (crn, key, deadline, since) in overdue {
+            let corr = self.keys[&key]
+                .rotations
+                .iter()
+                .find(|r| r.time == since)
+                .and_then(|r| r.correlation_id.clone());
+            let rec = self.deployments.get_mut(&crn).expect("deployment");
+            rec.clock_overdue_for = Some(since);
+            self.dirty.mark(EntityKind::Deployment, &crn);
+            let cause = format!("clock:rewrap:{}", since.0);
+            let summary = format!("rewrap not confirmed by the deadline {deadline}");
+            self.raise(
+                AlertKind::RewrapOverdue,
+                Severity::Warning,
+                &crn,
+                &key,
+                Some((deadline, corr)),
+                &cause,
+                summary,
+            );
         }
-        let keys: Vec<String> = self.keys.keys().cloned().collect();
-        for key in keys {
-            let k = &self.keys[&key];
-            let Some(deleted_at) = k.deleted_at else {
-                continue;
-            };
-            if k.state != KeyState::Destroyed || now < deleted_at.plus(self.lifecycle.purge_after) {
-                continue;
-            }
-            let at = deleted_at.plus(self.lifecycle.purge_after);
+        let purge_after = self.lifecycle.purge_after;
+        let purged: Vec<(String, Millis)> = self
+            .keys
+            .iter()
+            .filter_map(|(key, k)| {
+                let deleted_at = k.deleted_at?;
+                (k.state == KeyState::Destroyed && now >= deleted_at.plus(purge_after))
+                    .then(|| (key.clone(), deleted_at))
+            })
+            .collect();
+        for (key, deleted_at) in purged {
+            let at = deleted_at.plus(purge_after);
             let k = self.keys.get_mut(&key).expect("key");
             k.state = KeyState::Purged;
             k.purged_by_clock = true;
