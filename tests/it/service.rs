@@ -145,33 +145,28 @@ fn end_to_end_status_equals_replay() {
 fn restart_resumes_after_graceful_stop() {
     let _timing = Timing::start("restart_resumes_after_graceful_stop");
     let brokers = brokers();
-    let dir = tempfile::tempdir().unwrap();
-    let (events, registry) = generate(dir.path(), 2_000, 31, FUTURE_START);
-    let all = records(&events);
-    let n = all.len();
-    let topic = unique("restart");
-    create_topic(&brokers, &topic, 4);
-    let setup = Setup::new(&brokers, &topic, &registry);
-    let parts = assign_partitions(&all, &OrderGroups::from_registry(&registry), 4);
+    let stream = Stream::new(&brokers, "restart", 2_000, 31);
+    let n = stream.all.len();
+    let setup = Setup::new(&brokers, &stream.topic, &stream.registry);
     let half = n / 2;
 
-    let first_half = produce(&brokers, &topic, &all[..half], &parts[..half]);
+    let first_half = stream.produce(&brokers, ..half);
     let mut svc = setup.start("run-1");
     wait_for_events(&setup.config, half as u64, CATCH_UP, &[&svc]);
     assert!(svc.terminate().success(), "{}", svc.log_tail(30));
     // The committed offset of a partition is the offset of the next record to read.
     let ends = end_offsets(&[&first_half], 4);
     assert_eq!(
-        committed_offsets(&brokers, &setup.group, &topic, 4),
+        committed_offsets(&brokers, &setup.group, &stream.topic, 4),
         ends,
         "committed offsets after a graceful stop (expected the end of each partition)"
     );
 
-    produce(&brokers, &topic, &all[half..], &parts[half..]);
+    stream.produce(&brokers, half..);
     let mut svc = setup.start("run-2");
     wait_for_events(&setup.config, n as u64, CATCH_UP, &[&svc]);
     assert!(svc.terminate().success(), "{}", svc.log_tail(30));
-    assert_status_equals_replay("stop, more records, restart", &setup.config, &events);
+    assert_status_equals_replay("stop, more records, restart", &setup.config, &stream.events);
 }
 
 /// Kill -9 in the middle of a stream, restart: the result equals an uninterrupted replay's.
@@ -179,27 +174,22 @@ fn restart_resumes_after_graceful_stop() {
 fn crash_safety() {
     let _timing = Timing::start("crash_safety");
     let brokers = brokers();
-    let dir = tempfile::tempdir().unwrap();
-    let (events, registry) = generate(dir.path(), 20_000, 20_260_801, FUTURE_START);
-    let all = records(&events);
-    let n = all.len();
-    let topic = unique("crash");
-    create_topic(&brokers, &topic, 4);
-    let setup = Setup::new(&brokers, &topic, &registry);
-    let parts = assign_partitions(&all, &OrderGroups::from_registry(&registry), 4);
+    let stream = Stream::new(&brokers, "crash", 20_000, 20_260_801);
+    let n = stream.all.len();
+    let setup = Setup::new(&brokers, &stream.topic, &stream.registry);
 
     // Three quarters of the stream exist when the service dies, so it dies with 0 < events < N;
     // it is killed while it works through the second and third quarters, after it has committed
     // some offsets (the restart resumes from them, with the store usually ahead of them).
     let (q1, q3) = (n / 4, 3 * n / 4);
-    produce(&brokers, &topic, &all[..q1], &parts[..q1]);
+    stream.produce(&brokers, ..q1);
     let mut first = setup.start("run-1");
     let before = wait_for(
         "the first instance to persist some events and commit some offsets",
         CATCH_UP,
         || {
             let events = try_status(&setup.config).map(|r| events_in(&r)).ok();
-            let committed = committed_offsets(&brokers, &setup.group, &topic, 4);
+            let committed = committed_offsets(&brokers, &setup.group, &stream.topic, 4);
             match events {
                 Some(e) if e > 0 && committed.iter().any(|o| *o > 0) => Ok(e),
                 _ => Err(format!("events {events:?}, committed {committed:?}")),
@@ -208,7 +198,7 @@ fn crash_safety() {
         || first.log_tail(30),
     );
     let seen = std::thread::scope(|s| {
-        let producing = s.spawn(|| produce(&brokers, &topic, &all[q1..q3], &parts[q1..q3]));
+        let producing = s.spawn(|| stream.produce(&brokers, q1..q3));
         let seen = wait_for(
             "the first instance to process records of the second quarter",
             CATCH_UP,
@@ -222,7 +212,7 @@ fn crash_safety() {
         producing.join().expect("produced");
         seen
     });
-    let committed_at_kill: i64 = committed_offsets(&brokers, &setup.group, &topic, 4)
+    let committed_at_kill: i64 = committed_offsets(&brokers, &setup.group, &stream.topic, 4)
         .iter()
         .map(|o| (*o).max(0))
         .sum();
@@ -236,7 +226,7 @@ fn crash_safety() {
          store: {at_kill}; committed offsets: {committed_at_kill} records)"
     );
 
-    produce(&brokers, &topic, &all[q3..], &parts[q3..]);
+    stream.produce(&brokers, q3..);
     let mut second = setup.start("run-2");
     wait_for_events(&setup.config, n as u64, CATCH_UP, &[&second]);
     let exit = second.terminate();
@@ -244,7 +234,7 @@ fn crash_safety() {
 
     // Every field of every alert, as a multiset: no alert lost, none twice.
     let (got, want) =
-        assert_status_equals_replay("after kill -9 and restart", &setup.config, &events);
+        assert_status_equals_replay("after kill -9 and restart", &setup.config, &stream.events);
     assert_eq!(
         got["alerts"].as_array().unwrap().len(),
         want["alerts"].as_array().unwrap().len()
@@ -256,19 +246,10 @@ fn crash_safety() {
 fn redelivery() {
     let _timing = Timing::start("redelivery");
     let brokers = brokers();
-    let dir = tempfile::tempdir().unwrap();
-    let (events, registry) = generate(dir.path(), 3_000, 4_242, FUTURE_START);
-    let all = records(&events);
-    let n = all.len() as u64;
-    let topic = unique("redelivery");
-    create_topic(&brokers, &topic, 4);
-    let mut setup = Setup::new(&brokers, &topic, &registry);
-    let produced = produce(
-        &brokers,
-        &topic,
-        &all,
-        &assign_partitions(&all, &OrderGroups::from_registry(&registry), 4),
-    );
+    let stream = Stream::new(&brokers, "redelivery", 3_000, 4_242);
+    let n = stream.all.len() as u64;
+    let mut setup = Setup::new(&brokers, &stream.topic, &stream.registry);
+    let produced = stream.produce(&brokers, ..);
     let ends = end_offsets(&[&produced], 4);
     // A fixed --now makes the printed reports comparable byte for byte.
     let now = "2026-12-01T00:00:00.000Z";
@@ -281,7 +262,7 @@ fn redelivery() {
     assert_same_report(
         "first run: status vs replay",
         &before_json,
-        &replay(&setup.config, now, &events),
+        &replay(&setup.config, now, &stream.events),
         Compare {
             stats: true,
             alert_fields: ALERT_ALL,
@@ -290,9 +271,9 @@ fn redelivery() {
     assert_eq!(ends.iter().sum::<i64>(), n as i64, "end offsets {ends:?}");
 
     // (a) The same group from the beginning: every record is received again and skipped.
-    reset_offsets_to_beginning(&brokers, &setup.group, &topic, 4);
+    reset_offsets_to_beginning(&brokers, &setup.group, &stream.topic, 4);
     let mut svc = setup.start("run-2-same-group");
-    wait_for_commits(&brokers, &setup.group, &topic, &ends, &svc);
+    wait_for_commits(&brokers, &setup.group, &stream.topic, &ends, &svc);
     assert!(svc.terminate().success(), "{}", svc.log_tail(30));
     let after = status_bytes(&setup.config, Some(now));
     if before != after {
@@ -347,23 +328,18 @@ fn scale_out_postgres() {
     let _timing = Timing::start("scale_out_postgres");
     let brokers = brokers();
     let db = PgDatabase::create();
-    let dir = tempfile::tempdir().unwrap();
-    let (events, registry) = generate(dir.path(), 4_000, 777, FUTURE_START);
-    let all = records(&events);
-    let n = all.len();
-    let topic = unique("scale");
-    create_topic(&brokers, &topic, 4);
-    let mut setup = Setup::new(&brokers, &topic, &registry);
+    let stream = Stream::new(&brokers, "scale", 4_000, 777);
+    let n = stream.all.len();
+    let mut setup = Setup::new(&brokers, &stream.topic, &stream.registry);
     setup.store_url = db.url.clone();
     setup.write();
-    let parts = assign_partitions(&all, &OrderGroups::from_registry(&registry), 4);
     let half = n / 2;
 
     let mut a = setup.start("instance-a");
     let mut b = setup.start("instance-b");
     a.wait_assigned(CATCH_UP);
     b.wait_assigned(CATCH_UP);
-    produce(&brokers, &topic, &all[..half], &parts[..half]);
+    stream.produce(&brokers, ..half);
     wait_for_events(&setup.config, half as u64, CATCH_UP, &[&a, &b]);
     // Both took part: each holds partitions of the topic in its last assignment.
     for svc in [&a, &b] {
@@ -374,7 +350,7 @@ fn scale_out_postgres() {
             .find(|l| l.contains("partitions assigned"))
             .unwrap_or("");
         assert!(
-            last.contains(&topic),
+            last.contains(&stream.topic),
             "{}: last assignment {last:?}",
             svc.name
         );
@@ -387,7 +363,7 @@ fn scale_out_postgres() {
         "instance-b exited with {exit}\n{}",
         b.log_tail(30)
     );
-    produce(&brokers, &topic, &all[half..], &parts[half..]);
+    stream.produce(&brokers, half..);
     wait_for_events(&setup.config, n as u64, CATCH_UP, &[&a]);
     let exit = a.terminate();
     assert!(
@@ -399,7 +375,7 @@ fn scale_out_postgres() {
     assert_status_equals_replay(
         "two instances on PostgreSQL, then one",
         &setup.config,
-        &events,
+        &stream.events,
     );
 }
 
@@ -412,16 +388,11 @@ fn store_connections_killed() {
     let _timing = Timing::start("store_connections_killed");
     let brokers = brokers();
     let db = PgDatabase::create();
-    let dir = tempfile::tempdir().unwrap();
-    let (events, registry) = generate(dir.path(), 3_000, 31_337, FUTURE_START);
-    let all = records(&events);
-    let n = all.len();
-    let topic = unique("pgkill");
-    create_topic(&brokers, &topic, 4);
-    let mut setup = Setup::new(&brokers, &topic, &registry);
+    let stream = Stream::new(&brokers, "pgkill", 3_000, 31_337);
+    let n = stream.all.len();
+    let mut setup = Setup::new(&brokers, &stream.topic, &stream.registry);
     setup.store_url = db.url.clone();
     setup.write();
-    let parts = assign_partitions(&all, &OrderGroups::from_registry(&registry), 4);
 
     let mut svc = setup.start("run");
     svc.wait_assigned(CATCH_UP);
@@ -429,7 +400,7 @@ fn store_connections_killed() {
     let chunk = n.div_ceil(30);
     for start in (0..n).step_by(chunk) {
         let end = (start + chunk).min(n);
-        produce(&brokers, &topic, &all[start..end], &parts[start..end]);
+        stream.produce(&brokers, start..end);
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_secs(2));
@@ -448,7 +419,7 @@ fn store_connections_killed() {
     assert_status_equals_replay(
         "PostgreSQL connections killed while the service consumes",
         &setup.config,
-        &events,
+        &stream.events,
     );
 }
 
@@ -461,24 +432,19 @@ fn store_connections_killed() {
 fn another_writer_between_batches() {
     let _timing = Timing::start("another_writer_between_batches");
     let brokers = brokers();
-    let dir = tempfile::tempdir().unwrap();
-    let (events, registry) = generate(dir.path(), 3_000, 4_242, FUTURE_START);
-    let all = records(&events);
-    let n = all.len();
-    let topic = unique("foreign");
-    create_topic(&brokers, &topic, 4);
-    let setup = Setup::new(&brokers, &topic, &registry);
-    let parts = assign_partitions(&all, &OrderGroups::from_registry(&registry), 4);
+    let stream = Stream::new(&brokers, "foreign", 3_000, 4_242);
+    let n = stream.all.len();
+    let setup = Setup::new(&brokers, &stream.topic, &stream.registry);
     let (a, b) = (n / 3, 2 * n / 3);
 
     let mut svc = setup.start("run");
     svc.wait_assigned(CATCH_UP);
-    produce(&brokers, &topic, &all[..a], &parts[..a]);
+    stream.produce(&brokers, ..a);
     wait_for_events(&setup.config, a as u64, CATCH_UP, &[&svc]);
-    let middle = dir.path().join("middle.jsonl");
-    write_records(&middle, &all[a..b]);
+    let middle = stream.dir.path().join("middle.jsonl");
+    write_records(&middle, &stream.all[a..b]);
     replay_into_store(&setup.config, &middle);
-    produce(&brokers, &topic, &all[b..], &parts[b..]);
+    stream.produce(&brokers, b..);
     // A service that wrote its outdated state over the backfill would count only a + (n - b).
     wait_for_events(&setup.config, n as u64, CATCH_UP, &[&svc]);
     let exit = svc.terminate();
@@ -492,7 +458,7 @@ fn another_writer_between_batches() {
     assert_status_equals_replay(
         "a backfill between the service's batches",
         &setup.config,
-        &events,
+        &stream.events,
     );
 }
 

@@ -10,6 +10,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -263,6 +264,45 @@ pub fn generate(dir: &Path, events: usize, seed: u64, start: &str) -> (PathBuf, 
 /// wall clock at times that depend on batching, which would add `rewrap_overdue` alerts that a
 /// replay (deadlines at `--now` only) does not have. With events in the future no deadline passes.
 pub const FUTURE_START: &str = "2090-01-01T00:00:00Z";
+
+/// A generated stream and a fresh 4-partition topic for it: the events file and the registry text
+/// (the files live in `dir`), the records, and each record's partition (`assign_partitions`).
+pub struct Stream {
+    pub dir: tempfile::TempDir,
+    pub events: PathBuf,
+    pub registry: String,
+    pub all: Vec<Vec<u8>>,
+    pub parts: Vec<i32>,
+    pub topic: String,
+}
+
+impl Stream {
+    /// `events` records from `seed` (dated from [`FUTURE_START`]) and a topic `unique(tag)` with 4
+    /// partitions on `brokers`, nothing produced yet.
+    pub fn new(brokers: &str, tag: &str, events: usize, seed: u64) -> Stream {
+        let dir = tempfile::tempdir().unwrap();
+        let (events, registry) = generate(dir.path(), events, seed, FUTURE_START);
+        let all = records(&events);
+        let parts = assign_partitions(&all, &OrderGroups::from_registry(&registry), 4);
+        let topic = unique(tag);
+        create_topic(brokers, &topic, 4);
+        Stream {
+            dir,
+            events,
+            registry,
+            all,
+            parts,
+            topic,
+        }
+    }
+
+    /// Produces the records in `range` (indexes into `all`) to their partitions of the topic;
+    /// returns the last offset written per partition.
+    pub fn produce(&self, brokers: &str, range: impl RangeBounds<usize>) -> BTreeMap<i32, i64> {
+        let range = (range.start_bound().cloned(), range.end_bound().cloned());
+        produce(brokers, &self.topic, &self.all[range], &self.parts[range])
+    }
+}
 
 /// The records of a JSON Lines file as `publish` and `replay` see them (trimmed, no empty lines).
 pub fn records(path: &Path) -> Vec<Vec<u8>> {
