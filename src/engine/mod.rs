@@ -979,6 +979,15 @@ impl Engine {
         self.dirty.mark(EntityKind::Key, key);
         let mut rotated = Vec::new();
         for d in self.deployments_on_key(key) {
+            // A follow-up that arrived before this rotation confirms the deployment now, as of
+            // its own time: rotations older than that are confirmed too, as after a named ack.
+            let early = ev
+                .correlation_id
+                .as_deref()
+                .and_then(|c| self.deployments[&d].confirmed_correlations.get(c).copied());
+            if let Some(at) = early {
+                self.confirm_at(&d, at.max(ev.time));
+            }
             let rec = &self.deployments[&d];
             if rec.soft_deleted_at.is_some_and(|s| s <= ev.time) {
                 self.note(&d, ev, "rotation ignored: deployment soft-deleted");
@@ -1041,6 +1050,9 @@ impl Engine {
                         summary,
                     );
                 }
+                // Anonymous acknowledgements counted earlier may now match the deployments
+                // still unconfirmed (as they would have, had this one come first).
+                self.settle_anonymous_acks(key, ev, !stale);
             }
             Some(None) => {
                 // Names a resource that is not ours: another service's acknowledgement.
@@ -1184,14 +1196,19 @@ impl Engine {
 
     /// Whether `corr` is the correlation id of a remembered rotation of the deployment's key.
     fn is_rotation_correlation(&self, dep: &str, corr: &str) -> bool {
-        let Some(index) = self.deployment_index.get(dep) else {
-            return false;
-        };
-        self.keys.get(&index.key_entity).is_some_and(|k| {
-            k.rotations
-                .iter()
-                .any(|r| r.correlation_id.as_deref() == Some(corr))
-        })
+        self.rotation_time(dep, corr).is_some()
+    }
+
+    /// The time of the (latest) remembered rotation of the deployment's key with id `corr`.
+    fn rotation_time(&self, dep: &str, corr: &str) -> Option<Millis> {
+        let index = self.deployment_index.get(dep)?;
+        self.keys
+            .get(&index.key_entity)?
+            .rotations
+            .iter()
+            .filter(|r| r.correlation_id.as_deref() == Some(corr))
+            .map(|r| r.time)
+            .max()
     }
 
     fn apply_follow_up(&mut self, dep: &str, ev: &Event) -> Disposition {
@@ -1207,9 +1224,12 @@ impl Engine {
             return Disposition::Ignored;
         }
         self.remember_correlation(dep, &corr, ev.time);
-        if !self.is_rotation_correlation(dep, &corr) {
+        let Some(rotated_at) = self.rotation_time(dep, &corr) else {
             return Disposition::Ignored;
-        }
+        };
+        // A confirmation like a named ack: the deployment re-wrapped as of the follow-up, so
+        // earlier rotations are confirmed too, and earlier ack failures no longer count.
+        self.confirm_at(dep, ev.time.max(rotated_at));
         let after = self.rewrap_of(dep);
         self.note(dep, ev, "rewrap confirmed by a correlated follow-up");
         if before != Rewrap::Current && after == Rewrap::Current {
@@ -1226,7 +1246,17 @@ impl Engine {
                 summary,
             );
         }
+        self.settle_anonymous_acks(&key, ev, true);
         Disposition::Applied
+    }
+
+    /// Moves the deployment's last rewrap confirmation to `at` (if later).
+    fn confirm_at(&mut self, dep: &str, at: Millis) {
+        let rec = self.deployments.get_mut(dep).expect("deployment");
+        if rec.confirmed_at.is_none_or(|t| t < at) {
+            rec.confirmed_at = Some(at);
+            self.dirty.mark(EntityKind::Deployment, dep);
+        }
     }
 
     // ---------------------------------------------------------------- clock
