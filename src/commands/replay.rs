@@ -24,6 +24,14 @@ pub fn open_input(name: &str) -> io::Result<(Box<dyn BufRead>, Option<u64>)> {
     }
     let file = std::fs::File::open(name)?;
     let meta = file.metadata().ok();
+    // Opening a directory succeeds on Linux and only reading fails: refuse it here, where every
+    // caller reports a bad input name (exit 1), not mid-run (exit 2).
+    if meta.as_ref().is_some_and(|m| m.is_dir()) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "is a directory, not a JSON Lines file",
+        ));
+    }
     let size = meta.as_ref().map(|m| m.len());
     if meta.is_some_and(|m| m.is_file()) {
         // Regular files are mapped a window at a time: no copy out of the page cache.

@@ -28,6 +28,15 @@ fn a_missing_input_file_is_invalid_input() {
 }
 
 #[test]
+fn a_directory_as_input_is_invalid_input() {
+    let dir = repo().join("tests/cases");
+    let o = keywatch(&["replay", dir.to_str().expect("utf-8 path")]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is a directory"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
+}
+
+#[test]
 fn a_bad_flag_is_invalid_input() {
     let o = keywatch(&["replay", "--bogus", "x"]);
     assert_eq!(o.status.code(), Some(1));
