@@ -18,16 +18,15 @@ fn main() {
     }
     let count: usize = args[3].parse().expect("COUNT is a number");
     let fetch_wait = std::env::var("FETCH_WAIT_MS").unwrap_or_else(|_| "50".into());
-    let consumer = common::fresh_consumer(
-        &args[1],
-        &args[2],
-        "latency",
-        &[
-            ("enable.auto.commit", "true"),
-            ("auto.commit.interval.ms", "1000"),
-            ("fetch.wait.max.ms", &fetch_wait),
-        ],
-    );
+    // LATENCY_PROPERTIES="name=value,name=value" adds consumer properties (to compare settings).
+    let extra = std::env::var("LATENCY_PROPERTIES").unwrap_or_default();
+    let mut settings = vec![
+        ("enable.auto.commit", "true"),
+        ("auto.commit.interval.ms", "1000"),
+        ("fetch.wait.max.ms", fetch_wait.as_str()),
+    ];
+    settings.extend(extra.split(',').filter_map(|kv| kv.split_once('=')));
+    let consumer = common::fresh_consumer(&args[1], &args[2], "latency", &settings);
     let mut latencies = Vec::with_capacity(count);
     let deadline = Instant::now() + Duration::from_secs(600);
     while latencies.len() < count && Instant::now() < deadline {
