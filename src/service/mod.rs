@@ -13,9 +13,10 @@ use crate::metrics::Metrics;
 use crate::settings::Settings;
 use crate::store::{PartitionOffset, Store};
 use crate::timefmt::Millis;
-use futures::FutureExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use kafka::{ConsumerState, KeywatchContext};
 use persist::PersistError;
+use rdkafka::consumer::stream_consumer::MessageStream;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -277,6 +278,9 @@ pub async fn run(
     let consumer: StreamConsumer<KeywatchContext> =
         kafka::consumer_config(&settings.kafka).create_with_context(context)?;
     consumer.subscribe(&[settings.kafka.topic.as_str()])?;
+    // One stream for the whole run: `recv()` makes a stream per record, which registers and
+    // unregisters a waker slot under a mutex each time.
+    let mut records = consumer.stream();
     if let Some(topic) = &settings.kafka.dead_letter_topic {
         let producer: FutureProducer = kafka::producer_config(&settings.kafka).create()?;
         p.dlq = Some((producer, topic.clone()));
@@ -300,7 +304,7 @@ pub async fn run(
                 p.serve(req, &shutdown).await?;
                 continue;
             }
-            m = consumer.recv() => m,
+            Some(m) = records.next() => m,
             _ = ticker.tick() => {
                 p.settle(&mut pipe, &consumer, &shutdown).await?;
                 p.tick_with_retry(&shutdown).await?;
@@ -326,7 +330,7 @@ pub async fn run(
         p.hold(&first);
         if !p.pipelining() {
             if !p.settle(&mut pipe, &consumer, &shutdown).await? {
-                p.process_locked(first, received, &consumer, &shutdown)
+                p.process_locked(first, received, &consumer, &mut records, &shutdown)
                     .await?;
             }
             continue;
@@ -358,7 +362,7 @@ pub async fn run(
             if part.len >= MAX_BATCH {
                 break;
             }
-            next = match consumer.recv().now_or_never() {
+            next = match records.next().now_or_never().flatten() {
                 Some(Ok(m)) => {
                     p.hold(&m);
                     Some(m)
@@ -528,6 +532,7 @@ impl Processor {
         first: BorrowedMessage<'_>,
         received: Instant,
         consumer: &StreamConsumer<KeywatchContext>,
+        records: &mut MessageStream<'_, KeywatchContext>,
         shutdown: &CancellationToken,
     ) -> Result<(), ServiceError> {
         let store = self.store.clone(); // the transaction borrows it while `apply` borrows self
@@ -541,7 +546,7 @@ impl Processor {
             self.apply_record(&mut part, &first);
             drop(first);
             while part.len < MAX_BATCH {
-                match consumer.recv().now_or_never() {
+                match records.next().now_or_never().flatten() {
                     Some(Ok(m)) => {
                         self.hold(&m);
                         self.progress_after_rebalance().await?;
