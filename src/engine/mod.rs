@@ -383,6 +383,7 @@ impl Engine {
                         confirmed_at: latest_rotation,
                         confirmed_correlations: BTreeMap::new(),
                         key_version: None,
+                        key_version_at: None,
                         ack_failures: Vec::new(),
                         clock_overdue_for: None,
                         auth: None,
@@ -427,6 +428,8 @@ impl Engine {
             rotations: Vec::new(),
             anonymous_acks: 0,
             early_acks: BTreeMap::new(),
+            anonymous_version: None,
+            early_ack_versions: BTreeMap::new(),
         });
         self.dirty.mark(EntityKind::Key, &id);
         self.key_by_identity.insert(identity, id.clone());
@@ -751,6 +754,10 @@ impl Engine {
                     let corr = ev.correlation_id.clone();
                     e.soft_delete_known(&dep, ev.time, &ev.digest.hex(), Some(ev), corr);
                     e.note(&dep, ev, "soft-deleted");
+                    // A rotation after the deletion no longer waits for this deployment: the
+                    // anonymous acknowledgements counted may now match those still unconfirmed.
+                    let key = e.key_of(&dep);
+                    e.settle_anonymous_acks(&key, ev, true);
                     Disposition::Applied
                 })
             }
@@ -976,6 +983,11 @@ impl Engine {
             .and_then(|c| k.early_acks.remove(c))
             .unwrap_or(0);
         k.anonymous_acks += early;
+        let early_version = ev
+            .correlation_id
+            .as_ref()
+            .and_then(|c| k.early_ack_versions.remove(c));
+        k.anonymous_version = newer_version(k.anonymous_version.take(), early_version);
         self.dirty.mark(EntityKind::Key, key);
         let mut rotated = Vec::new();
         for d in self.deployments_on_key(key) {
@@ -1030,7 +1042,7 @@ impl Engine {
                 let rec = self.deployments.get_mut(&d).expect("deployment");
                 rec.confirmed_at = Some(rec.confirmed_at.map_or(ev.time, |t| t.max(ev.time)));
                 if let Some(v) = ev.new_key_version() {
-                    rec.key_version = Some(v.to_owned());
+                    rec.confirm_version(v, ev.time);
                 }
                 if let Some(c) = &ev.correlation_id {
                     self.remember_correlation(&d, c, ev.time);
@@ -1066,17 +1078,26 @@ impl Engine {
                         .any(|r| r.correlation_id.as_ref() == Some(c))
                 });
                 self.dirty.mark(EntityKind::Key, key);
+                let version = ev.new_key_version().map(|v| (ev.time, v.to_owned()));
                 if unconfirmed.is_empty() {
                     match (&ev.correlation_id, corr_known) {
                         (Some(c), false) => {
                             // Arrived before its rotation: remember it for that rotation.
                             *k.early_acks.entry(c.clone()).or_insert(0) += 1;
+                            let early = k.early_ack_versions.remove(c);
+                            if let Some(v) = newer_version(early, version) {
+                                k.early_ack_versions.insert(c.clone(), v);
+                            }
                         }
-                        _ => k.anonymous_acks = 0,
+                        _ => {
+                            k.anonymous_acks = 0;
+                            k.anonymous_version = None;
+                        }
                     }
                     return;
                 }
                 k.anonymous_acks += 1;
+                k.anonymous_version = newer_version(k.anonymous_version.take(), version);
                 self.settle_anonymous_acks(key, ev, !stale);
             }
         }
@@ -1092,13 +1113,17 @@ impl Engine {
         }
         k.anonymous_acks = 0;
         let latest_rotation = k.rotations.iter().map(|r| r.time).max();
-        let version = ev.new_key_version().map(str::to_owned);
+        // The version of this event or of the anonymous acknowledgements counted, the newer.
+        let version = newer_version(
+            k.anonymous_version.take(),
+            ev.new_key_version().map(|v| (ev.time, v.to_owned())),
+        );
         for d in unconfirmed {
             let rec = self.deployments.get_mut(&d).expect("deployment");
             let at = ev.time.max(latest_rotation.unwrap_or(ev.time));
             rec.confirmed_at = Some(rec.confirmed_at.map_or(at, |t| t.max(at)));
-            if version.is_some() {
-                rec.key_version = version.clone();
+            if let Some((t, v)) = &version {
+                rec.confirm_version(v, *t);
             }
             if let Some(c) = &ev.correlation_id {
                 self.remember_correlation(&d, c, ev.time);

@@ -281,6 +281,34 @@ pub struct KeyRecord {
     /// Anonymous acknowledgements that arrived before any rotation with their correlation id.
     #[serde(default)]
     pub early_acks: BTreeMap<String, u32>,
+    /// The newest key version (with its time) named by the anonymous acknowledgements counted so
+    /// far, for the deployments they confirm when the count is reached.
+    #[serde(default)]
+    pub anonymous_version: Option<(Millis, String)>,
+    /// The same for the early acknowledgements of a rotation not seen yet, by correlation id.
+    #[serde(default)]
+    pub early_ack_versions: BTreeMap<String, (Millis, String)>,
+}
+
+/// The newer of two versions with their times (the later time wins; on a tie, `b`).
+pub fn newer_version(
+    a: Option<(Millis, String)>,
+    b: Option<(Millis, String)>,
+) -> Option<(Millis, String)> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if a.0 > b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+impl DeploymentRecord {
+    /// Records the key version a confirmation at `at` named, unless a later confirmation named one.
+    pub fn confirm_version(&mut self, version: &str, at: Millis) {
+        if self.key_version_at.is_none_or(|t| at >= t) {
+            self.key_version = Some(version.to_owned());
+            self.key_version_at = Some(at);
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -329,6 +357,10 @@ pub struct DeploymentRecord {
     #[serde(default, skip_serializing)]
     pub confirmed_correlations: BTreeMap<String, Millis>,
     pub key_version: Option<String>,
+    /// Time of the confirmation that set `key_version` (last writer wins on it, so the order of
+    /// arrival does not decide which version is shown).
+    #[serde(default)]
+    pub key_version_at: Option<Millis>,
     #[serde(default)]
     pub ack_failures: Vec<AckFailure>,
     /// Start of the pending period that the clock declared overdue.
