@@ -145,6 +145,13 @@ fn pool() -> Vec<String> {
         policy_create("P3", "messagehub", "kms", "inst-1", 38, true),
         json!({"eventTime": at(45), "action": "messagehub.instance.delete", "outcome": "success", "target": {"id": D1}})
             .to_string(),
+        // A later named ack with a newer version: `key_version` is the newer one in any order.
+        key_event("kms.secrets.ack-rotate", K1, 70, "success",
+            json!({"correlationId": "R3", "responseData": {"resourceCRN": D1, "eventAckData": {"newKeyVersionId": "v3", "eventType": "rotation"}}})),
+        // A follow-up of R3: confirms D2 as of its time (R1 and its 408 included), in any order.
+        json!({"eventTime": at(66), "action": "is.volume.update", "outcome": "success", "correlationId": "R3",
+            "target": {"id": VOL2}})
+        .to_string(),
     ]
 }
 
