@@ -103,20 +103,52 @@ impl Failure {
     }
 }
 
+/// clap's error as one line (spec section 1): its first paragraph and its tip, if any, without
+/// the usage and the pointer to `--help` that follow.
+fn usage_error_line(text: &str) -> String {
+    let mut paragraphs = text
+        .split("\n\n")
+        .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|p| !p.is_empty());
+    let first = paragraphs.next().unwrap_or_default();
+    let first = first.strip_prefix("error: ").unwrap_or(&first);
+    let mut line = format!("keywatch: {first}");
+    if let Some(tip) = paragraphs.find(|p| p.starts_with("tip:")) {
+        line.push_str(&format!(" ({tip})"));
+    }
+    line.push_str("; see `keywatch --help`");
+    line
+}
+
 /// Parses the arguments and runs the command; returns the process exit code.
 pub fn main_with_args(args: Vec<std::ffi::OsString>) -> i32 {
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
-            let code = match e.kind() {
-                ErrorKind::DisplayHelp
-                | ErrorKind::DisplayVersion
-                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => 0,
-                _ => 1,
-            };
-            let _ = e.print();
-            return code;
+            match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                    let _ = e.print();
+                    return 0;
+                }
+                // `keywatch` alone: invalid input, named in one line with the commands there are.
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    use clap::CommandFactory;
+                    let names: Vec<String> = Cli::command()
+                        .get_subcommands()
+                        .map(|c| c.get_name().to_owned())
+                        .filter(|n| n != "help")
+                        .collect();
+                    eprintln!(
+                        "keywatch: a command is required ({}); see `keywatch --help`",
+                        names.join(", ")
+                    );
+                    return 1;
+                }
+                _ => {}
+            }
+            eprintln!("{}", usage_error_line(&e.render().to_string()));
+            return 1;
         }
     };
     let result = match cli.command {

@@ -36,6 +36,27 @@ fn a_directory_as_input_is_invalid_input() {
     assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
 }
 
+/// Usage errors are one line on stderr too (spec section 1), naming what was wrong.
+#[test]
+fn usage_errors_are_one_line() {
+    for (args, names) in [
+        (&["frobnicate"][..], "frobnicate"),
+        (&["replay", "--bogus", "x"][..], "--bogus"),
+        (&["blast-radius"][..], "<KEY>"),
+        (&["status", "--now"][..], "--now"),
+        (&[][..], "a command is required"),
+    ] {
+        let o = keywatch(args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(names), "{args:?}: {err}");
+    }
+    let o = keywatch(&["--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Usage:"));
+}
+
 #[test]
 fn a_bad_flag_is_invalid_input() {
     let o = keywatch(&["replay", "--bogus", "x"]);
