@@ -70,6 +70,27 @@ pub fn status(config: Option<&Path>, now: Option<&str>) -> Result<(), Failure> {
     let settings = load_settings(config)?;
     setup::init_logging(Some(&settings), "warn");
     let now = parse_now(now)?.unwrap_or_else(Millis::now);
+    // A store that does not exist yet holds nothing applied: the report is that of the
+    // registry alone (what `replay` prints for no events), and `status` does not create it.
+    if let Some(file) = Store::sqlite_file(&settings.store.url).filter(|f| !f.exists()) {
+        tracing::warn!(store = %file.display(), "no store yet: nothing has been applied (`keywatch run` or `replay --store` creates it)");
+        let mut engine = setup::fresh_engine(&settings)
+            .map_err(|e| Failure::invalid(format!("registry error: {e}")))?;
+        let mut alerts_jsonl = Vec::new();
+        for alert in engine.take_alerts() {
+            serde_json::to_writer(&mut alerts_jsonl, &AlertView::from(&alert)).ok();
+            alerts_jsonl.push(b'\n');
+        }
+        let stdout = std::io::stdout();
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        return write_report(
+            &mut out,
+            &engine.state_report(now),
+            &mut Cursor::new(alerts_jsonl),
+        )
+        .and_then(|_| out.flush())
+        .map_err(|e| Failure::runtime(format!("writing the report: {e}")));
+    }
     let rt = runtime()?;
     rt.block_on(async move {
         let store = connect(&settings).await?;

@@ -282,6 +282,13 @@ impl StoreError {
 }
 
 impl Store {
+    /// The file of a `sqlite:` store URL (`None` for PostgreSQL or an invalid URL).
+    pub fn sqlite_file(url: &str) -> Option<PathBuf> {
+        url.starts_with("sqlite:")
+            .then(|| sqlite_path(url).ok())
+            .flatten()
+    }
+
     /// Opens (creating if needed) and migrates the store at `url`: `sqlite://PATH` (relative to
     /// the working directory, or absolute as `sqlite:///abs/path`) or `postgres://...` /
     /// `postgresql://...`.

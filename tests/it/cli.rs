@@ -141,3 +141,41 @@ fn replay_reads_stdin_and_several_files() {
         "the second copy's applied events are duplicates"
     );
 }
+
+/// `status` on a store that does not exist yet: what `replay` prints for no events (the
+/// registry in its initial state), and the store is not created by looking at it.
+#[test]
+fn status_of_a_store_not_created_yet_is_the_registry_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("not-yet").join("keywatch.db");
+    let case = repo().join("tests/cases/disable-then-enable");
+    let config = dir.path().join("config.toml");
+    let registry = std::fs::read_to_string(case.join("config.toml")).unwrap();
+    std::fs::write(
+        &config,
+        format!("[store]\nurl = \"sqlite://{}\"\n{registry}", db.display()),
+    )
+    .unwrap();
+    let o = keywatch(&["status", "--config", config.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let status: serde_json::Value = serde_json::from_slice(&o.stdout).expect("report");
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let now = "2026-08-20T12:00:00Z";
+    let r = keywatch(&[
+        "replay",
+        "--config",
+        case.join("config.toml").to_str().unwrap(),
+        "--now",
+        now,
+        empty.to_str().unwrap(),
+    ]);
+    let replay: serde_json::Value = serde_json::from_slice(&r.stdout).expect("report");
+    assert!(!status["deployments"].as_array().unwrap().is_empty());
+    assert_eq!(status["deployments"], replay["deployments"]);
+    assert_eq!(status["alerts"], replay["alerts"]);
+    assert!(
+        !db.exists() && !db.parent().unwrap().exists(),
+        "status created the store"
+    );
+}
