@@ -25,7 +25,23 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 async fn connect(settings: &Settings) -> Result<Store, Failure> {
     Store::connect(&settings.store.url)
         .await
-        .map_err(|e| Failure::runtime(format!("store: {e:#}")))
+        .map_err(store_failure)
+}
+
+/// A store error as the command's one line, with its causes (the reason a connection failed);
+/// a cause whose text its error already ends with is not repeated (sqlx's errors show their own).
+fn store_failure(e: impl std::error::Error) -> Failure {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    Failure::runtime(format!("store: {line}"))
 }
 
 pub fn run(config: Option<&Path>) -> Result<(), Failure> {
@@ -115,7 +131,7 @@ async fn print_stored_report(
 ) -> Result<(), Failure> {
     let loaded = persist::load(store, settings)
         .await
-        .map_err(|e| Failure::runtime(format!("store: {e:#}")))?;
+        .map_err(store_failure)?;
     let state = loaded.engine.state_report(now);
     let mut alerts_jsonl = Vec::new();
     let mut cursor = 0;
@@ -123,7 +139,7 @@ async fn print_stored_report(
         let page = store
             .alerts_since(cursor, 10_000)
             .await
-            .map_err(|e| Failure::runtime(format!("store: {e:#}")))?;
+            .map_err(store_failure)?;
         let Some(last) = page.last() else { break };
         cursor = last.seq;
         for row in &page {
@@ -160,7 +176,7 @@ pub fn replay_into_store(
     let rt = runtime()?;
     rt.block_on(async move {
         let store = connect(&settings).await?;
-        let fail = |e: persist::PersistError| Failure::runtime(format!("store: {e:#}"));
+        let fail = |e: persist::PersistError| store_failure(e);
         let loaded = persist::load(&store, &settings).await.map_err(fail)?;
         let (mut engine, mut seq) = (loaded.engine, loaded.seq);
         let mut tx = store.begin().await.map_err(|e| fail(e.into()))?;

@@ -473,6 +473,10 @@ fn errors_are_one_line_and_name_file_key_and_reason() {
         "config error: kw.toml: store.url: invalid store url \"mysql://kw:***@db/kw\": expected sqlite://PATH or postgres://USER@HOST/DATABASE"
     );
     assert_eq!(
+        error("[store]\nurl = \"postgres://kw:hunter2@db/kw?sslmode=sometimes\"\n"),
+        "config error: kw.toml: store.url: invalid store url \"postgres://kw:***@db/kw?sslmode=sometimes\": unknown value \"sometimes\" for `ssl_mode`"
+    );
+    assert_eq!(
         error("[store]\nurl = \"sqlite://\"\n"),
         "config error: kw.toml: store.url: invalid store url \"sqlite://\": nothing after the scheme"
     );

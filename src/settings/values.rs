@@ -282,6 +282,18 @@ pub(crate) fn store_url<'de, D: Deserializer<'de>>(deserializer: D) -> Result<St
             "invalid store url {:?}: nothing after the scheme",
             text
         ))),
+        // A PostgreSQL URL is parsed here, so that a malformed one stops start-up as a
+        // configuration error instead of failing later as a connection that could not be made.
+        Some(_) if !text.starts_with("sqlite://") => {
+            match sqlx::postgres::PgConnectOptions::from_str(&text) {
+                Ok(_) => Ok(text),
+                Err(e) => Err(de::Error::custom(format!(
+                    "invalid store url {:?}: {}",
+                    redact_url_password(&text),
+                    e.to_string().replace("error with configuration: ", "")
+                ))),
+            }
+        }
         Some(_) => Ok(text),
     }
 }

@@ -179,3 +179,26 @@ fn status_of_a_store_not_created_yet_is_the_registry_and_creates_nothing() {
         "status created the store"
     );
 }
+
+/// A store that cannot be opened: one line that says why (the cause, not only "cannot connect").
+#[test]
+fn a_store_that_cannot_be_opened_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keywatch.db");
+    std::fs::write(
+        &db,
+        "this is not a database, it is text long enough to have a header",
+    )
+    .unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("[store]\nurl = \"sqlite://{}\"\n", db.display()),
+    )
+    .unwrap();
+    let o = keywatch(&["status", "--config", config.to_str().unwrap()]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("not a database"), "{err}");
+}
