@@ -207,10 +207,14 @@ pub fn replay(
             b.finish_and_clear();
         }
     }
-    let now = now
-        .or(engine.latest_event_time())
-        .unwrap_or_else(Millis::now);
-    engine.tick(now);
+    // Deadlines are evaluated at --now, else at the latest eventTime read; with neither (no valid
+    // event read), not at all: the wall clock would make the result depend on when it ran. The
+    // report then shows approvals as of the wall clock (display only).
+    let at = now.or(engine.latest_event_time());
+    if let Some(at) = at {
+        engine.tick(at);
+    }
+    let now = at.unwrap_or_else(Millis::now);
     sink(engine.take_alerts()).map_err(ReplayError::Io)?;
     let mut spill = spill
         .into_inner()

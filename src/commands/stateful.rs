@@ -226,14 +226,17 @@ pub fn replay_into_store(
                 }
             }
         }
-        let now = now
-            .or(engine.latest_event_time())
-            .unwrap_or_else(Millis::now);
+        // As in `replay`: no --now and no eventTime read, no deadline evaluation (nothing the
+        // wall clock decided is persisted).
+        let at = now.or(engine.latest_event_time());
+        let now = at.unwrap_or_else(Millis::now);
         let mut tx = store.begin().await.map_err(|e| fail(e.into()))?;
         persist::sync(&mut tx, &mut engine, seq)
             .await
             .map_err(fail)?;
-        engine.tick(now);
+        if at.is_some() {
+            engine.tick(now);
+        }
         persist::write(&mut tx, &mut engine, &[])
             .await
             .map_err(fail)?;

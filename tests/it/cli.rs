@@ -202,3 +202,50 @@ fn a_store_that_cannot_be_opened_says_why() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("not a database"), "{err}");
 }
+
+/// `replay --store` of a file with no event time and no `--now` evaluates no deadline: the wall
+/// clock would otherwise decide what is persisted (here: purge a key deleted months ago).
+#[test]
+fn replay_without_any_event_time_evaluates_no_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = repo().join("tests/cases/key-deleted-info-for-soft-deleted-deployment");
+    let config = dir.path().join("config.toml");
+    let registry = std::fs::read_to_string(case.join("config.toml")).unwrap();
+    let db = dir.path().join("keywatch.db");
+    std::fs::write(
+        &config,
+        format!("[store]\nurl = \"sqlite://{}\"\n{registry}", db.display()),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let o = keywatch(&[
+        "replay",
+        "--store",
+        "--config",
+        config,
+        case.join("events.jsonl").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let before: serde_json::Value = serde_json::from_slice(&o.stdout).expect("report");
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "not json\n").unwrap();
+    let o = keywatch(&[
+        "replay",
+        "--store",
+        "--config",
+        config,
+        empty.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let after: serde_json::Value = serde_json::from_slice(&o.stdout).expect("report");
+    assert_eq!(
+        after["keys"], before["keys"],
+        "the key state moved with the wall clock"
+    );
+    assert_eq!(after["alerts"], before["alerts"]);
+    assert!(
+        before["keys"].to_string().contains("destroyed"),
+        "{}",
+        before["keys"]
+    );
+}
