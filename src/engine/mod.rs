@@ -993,11 +993,11 @@ impl Engine {
         for d in self.deployments_on_key(key) {
             // A follow-up that arrived before this rotation confirms the deployment now, as of
             // its own time: rotations older than that are confirmed too, as after a named ack.
-            let early = ev
+            let followed_up = ev
                 .correlation_id
                 .as_deref()
                 .and_then(|c| self.deployments[&d].confirmed_correlations.get(c).copied());
-            if let Some(at) = early {
+            if let Some(at) = followed_up {
                 self.confirm_at(&d, at.max(ev.time));
             }
             let rec = &self.deployments[&d];
@@ -1039,8 +1039,8 @@ impl Engine {
         match named {
             Some(Some(d)) => {
                 let before = self.rewrap_of(&d);
+                self.confirm_at(&d, ev.time);
                 let rec = self.deployments.get_mut(&d).expect("deployment");
-                rec.confirmed_at = Some(rec.confirmed_at.map_or(ev.time, |t| t.max(ev.time)));
                 if let Some(v) = ev.new_key_version() {
                     rec.confirm_version(v, ev.time);
                 }
@@ -1119,9 +1119,8 @@ impl Engine {
             ev.new_key_version().map(|v| (ev.time, v.to_owned())),
         );
         for d in unconfirmed {
+            self.confirm_at(&d, ev.time.max(latest_rotation.unwrap_or(ev.time)));
             let rec = self.deployments.get_mut(&d).expect("deployment");
-            let at = ev.time.max(latest_rotation.unwrap_or(ev.time));
-            rec.confirmed_at = Some(rec.confirmed_at.map_or(at, |t| t.max(at)));
             if let Some((t, v)) = &version {
                 rec.confirm_version(v, *t);
             }
