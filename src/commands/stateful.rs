@@ -3,7 +3,7 @@
 use super::load_settings;
 use crate::cli::Failure;
 use crate::commands::replay::{open_input, write_report};
-use crate::engine::view::AlertView;
+use crate::engine::view::{AlertView, StateReport};
 use crate::engine::{Alert, Disposition};
 use crate::service::{self, persist, EngineHandle, Shared};
 use crate::settings::Settings;
@@ -92,20 +92,8 @@ pub fn status(config: Option<&Path>, now: Option<&str>) -> Result<(), Failure> {
         tracing::warn!(store = %file.display(), "no store yet: nothing has been applied (`keywatch run` or `replay --store` creates it)");
         let mut engine = setup::fresh_engine(&settings)
             .map_err(|e| Failure::invalid(format!("registry error: {e}")))?;
-        let mut alerts_jsonl = Vec::new();
-        for alert in engine.take_alerts() {
-            serde_json::to_writer(&mut alerts_jsonl, &AlertView::from(&alert)).ok();
-            alerts_jsonl.push(b'\n');
-        }
-        let stdout = std::io::stdout();
-        let mut out = std::io::BufWriter::new(stdout.lock());
-        return write_report(
-            &mut out,
-            &engine.state_report(now),
-            &mut Cursor::new(alerts_jsonl),
-        )
-        .and_then(|_| out.flush())
-        .map_err(|e| Failure::runtime(format!("writing the report: {e}")));
+        let alerts = engine.take_alerts();
+        return print_report(&engine.state_report(now), &alerts);
     }
     let rt = runtime()?;
     rt.block_on(async move {
@@ -133,7 +121,7 @@ async fn print_stored_report(
         .await
         .map_err(store_failure)?;
     let state = loaded.engine.state_report(now);
-    let mut alerts_jsonl = Vec::new();
+    let mut alerts = Vec::new();
     let mut cursor = 0;
     loop {
         let page = store
@@ -142,16 +130,24 @@ async fn print_stored_report(
             .map_err(store_failure)?;
         let Some(last) = page.last() else { break };
         cursor = last.seq;
-        for row in &page {
-            if let Ok(alert) = serde_json::from_value::<Alert>(row.doc.clone()) {
-                serde_json::to_writer(&mut alerts_jsonl, &AlertView::from(&alert)).ok();
-                alerts_jsonl.push(b'\n');
-            }
-        }
+        alerts.extend(
+            page.iter()
+                .filter_map(|row| serde_json::from_value::<Alert>(row.doc.clone()).ok()),
+        );
+    }
+    print_report(&state, &alerts)
+}
+
+/// Writes the report of section 6 to stdout: `state` and `alerts` in their order.
+fn print_report(state: &StateReport, alerts: &[Alert]) -> Result<(), Failure> {
+    let mut alerts_jsonl = Vec::new();
+    for alert in alerts {
+        serde_json::to_writer(&mut alerts_jsonl, &AlertView::from(alert)).ok();
+        alerts_jsonl.push(b'\n');
     }
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    write_report(&mut out, &state, &mut Cursor::new(alerts_jsonl))
+    write_report(&mut out, state, &mut Cursor::new(alerts_jsonl))
         .and_then(|_| out.flush())
         .map_err(|e| Failure::runtime(format!("writing the report: {e}")))
 }
