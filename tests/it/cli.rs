@@ -1,6 +1,7 @@
 //! The binary from the outside: exit codes and one-line errors for bad input (spec section 1).
 
 use crate::support::repo;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn keywatch(args: &[&str]) -> Output {
@@ -142,6 +143,17 @@ fn replay_reads_stdin_and_several_files() {
     );
 }
 
+/// `DIR/config.toml`: the SQLite store `db`, and the registry of the scenario folder `case`.
+fn store_config(dir: &Path, db: &Path, case: Option<&Path>) -> PathBuf {
+    let registry = case.map_or(String::new(), |c| {
+        std::fs::read_to_string(c.join("config.toml")).unwrap()
+    });
+    let config = dir.join("config.toml");
+    let text = format!("[store]\nurl = \"sqlite://{}\"\n{registry}", db.display());
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
 /// `status` on a store that does not exist yet: what `replay` prints for no events (the
 /// registry in its initial state), and the store is not created by looking at it.
 #[test]
@@ -149,13 +161,7 @@ fn status_of_a_store_not_created_yet_is_the_registry_and_creates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("not-yet").join("keywatch.db");
     let case = repo().join("tests/cases/disable-then-enable");
-    let config = dir.path().join("config.toml");
-    let registry = std::fs::read_to_string(case.join("config.toml")).unwrap();
-    std::fs::write(
-        &config,
-        format!("[store]\nurl = \"sqlite://{}\"\n{registry}", db.display()),
-    )
-    .unwrap();
+    let config = store_config(dir.path(), &db, Some(&case));
     let o = keywatch(&["status", "--config", config.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let status: serde_json::Value = serde_json::from_slice(&o.stdout).expect("report");
@@ -190,12 +196,7 @@ fn a_store_that_cannot_be_opened_says_why() {
         "this is not a database, it is text long enough to have a header",
     )
     .unwrap();
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!("[store]\nurl = \"sqlite://{}\"\n", db.display()),
-    )
-    .unwrap();
+    let config = store_config(dir.path(), &db, None);
     let o = keywatch(&["status", "--config", config.to_str().unwrap()]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
@@ -209,14 +210,7 @@ fn a_store_that_cannot_be_opened_says_why() {
 fn replay_without_any_event_time_evaluates_no_deadline() {
     let dir = tempfile::tempdir().unwrap();
     let case = repo().join("tests/cases/key-deleted-info-for-soft-deleted-deployment");
-    let config = dir.path().join("config.toml");
-    let registry = std::fs::read_to_string(case.join("config.toml")).unwrap();
-    let db = dir.path().join("keywatch.db");
-    std::fs::write(
-        &config,
-        format!("[store]\nurl = \"sqlite://{}\"\n{registry}", db.display()),
-    )
-    .unwrap();
+    let config = store_config(dir.path(), &dir.path().join("keywatch.db"), Some(&case));
     let config = config.to_str().unwrap();
     let o = keywatch(&[
         "replay",
