@@ -1165,6 +1165,7 @@ impl Engine {
 
     fn apply_ack_failure(&mut self, key: &str, ev: &Event, of: AckOf, stale: bool) {
         let code = ev.reason_code.unwrap_or(0);
+        let named = ev.ack_resource().is_some();
         let targets = match ev.ack_resource() {
             Some(r) => match self.lookup_deployment(r) {
                 Some(d) => vec![d],
@@ -1201,6 +1202,11 @@ impl Engine {
             } else {
                 "could not act on it: state conflict (409)"
             };
+            // A rotation failure that names nobody concerns the deployments still unconfirmed;
+            // one that already confirmed every rotation of its key is not affected by it.
+            if of == AckOf::Rotate && !named && self.rewrap_of(&d) == Rewrap::Current {
+                continue;
+            }
             let action = KeyAction::Ack(of).name();
             self.note(&d, ev, &format!("{action} failed with {code}"));
             if !stale {
