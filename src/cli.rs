@@ -40,7 +40,7 @@ pub enum Command {
     Status {
         #[arg(long, env = "KEYWATCH_CONFIG")]
         config: Option<PathBuf>,
-        /// Evaluate the views (approval windows) at this time; default: now.
+        /// Evaluate deadlines and approval windows at this time, without writing; default: now.
         #[arg(long)]
         now: Option<String>,
     },

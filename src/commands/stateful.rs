@@ -98,7 +98,7 @@ pub fn status(config: Option<&Path>, now: Option<&str>) -> Result<(), Failure> {
     let rt = runtime()?;
     rt.block_on(async move {
         let store = connect(&settings).await?;
-        print_stored_report(&store, &settings, now).await
+        print_stored_report(&store, &settings, now, true).await
     })
 }
 
@@ -112,15 +112,27 @@ fn parse_now(now: Option<&str>) -> Result<Option<Millis>, Failure> {
 }
 
 /// The report of the persisted state: what `replay` prints for the events applied so far.
+///
+/// Deadlines are evaluated at `now` as `replay` evaluates them at its `--now`, without writing
+/// anything: a rewrap deadline that passed since the service last checked (or while it was not
+/// running) shows as `overdue`, with the `rewrap_overdue` alert the service raises when it
+/// checks. So `status --now T` and `replay --now T` of the same events agree. Without
+/// `deadlines` (`replay --store` with no time to evaluate them at) none is evaluated.
 async fn print_stored_report(
     store: &Store,
     settings: &Settings,
     now: Millis,
+    deadlines: bool,
 ) -> Result<(), Failure> {
-    let loaded = persist::load(store, settings)
+    let mut engine = persist::load(store, settings)
         .await
-        .map_err(store_failure)?;
-    let state = loaded.engine.state_report(now);
+        .map_err(store_failure)?
+        .engine;
+    if deadlines {
+        engine.tick(now);
+    }
+    let due = engine.take_alerts();
+    let state = engine.state_report(now);
     let mut alerts = Vec::new();
     let mut cursor = 0;
     loop {
@@ -135,6 +147,7 @@ async fn print_stored_report(
                 .filter_map(|row| serde_json::from_value::<Alert>(row.doc.clone()).ok()),
         );
     }
+    alerts.extend(due);
     print_report(&state, &alerts)
 }
 
@@ -237,6 +250,6 @@ pub fn replay_into_store(
             .await
             .map_err(fail)?;
         tx.commit().await.map_err(|e| fail(e.into()))?;
-        print_stored_report(&store, &settings, now).await
+        print_stored_report(&store, &settings, now, at.is_some()).await
     })
 }

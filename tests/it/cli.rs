@@ -243,3 +243,59 @@ fn replay_without_any_event_time_evaluates_no_deadline() {
         before["keys"]
     );
 }
+
+/// `status --now T` evaluates the rewrap deadlines at T as `replay --now T` does (a deadline that
+/// passed since the last check is `overdue`, with its `rewrap_overdue` alert), and writes nothing:
+/// asked again at the earlier time, the store still says `pending`.
+#[test]
+fn status_evaluates_deadlines_at_now_without_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = repo().join("tests/cases/rewrap-deadline-at-now");
+    let config = store_config(dir.path(), &dir.path().join("keywatch.db"), Some(&case));
+    let config = config.to_str().unwrap();
+    let events = case.join("events.jsonl");
+    let early = "2026-08-20T12:00:00Z";
+    let late = "2026-08-21T12:00:00Z";
+    let o = keywatch(&[
+        "replay",
+        "--store",
+        "--config",
+        config,
+        "--now",
+        early,
+        events.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let report = |args: &[&str]| -> serde_json::Value {
+        let o = keywatch(args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+        serde_json::from_slice(&o.stdout).expect("report")
+    };
+    let status = report(&["status", "--config", config, "--now", late]);
+    let replay = report(&[
+        "replay",
+        "--config",
+        case.join("config.toml").to_str().unwrap(),
+        "--now",
+        late,
+        events.to_str().unwrap(),
+    ]);
+    let rewrap = |r: &serde_json::Value| -> Vec<String> {
+        r["deployments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["rewrap"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(rewrap(&status), ["overdue", "overdue"]);
+    assert_eq!(status["deployments"], replay["deployments"]);
+    assert_eq!(status["alerts"], replay["alerts"]);
+    let again = report(&["status", "--config", config, "--now", early]);
+    assert_eq!(
+        rewrap(&again),
+        ["pending", "pending"],
+        "status wrote its evaluation"
+    );
+    assert!(!again["alerts"].to_string().contains("rewrap_overdue"));
+}
