@@ -117,8 +117,17 @@ pub fn blast_radius(config: Option<&Path>, key: &str) -> Result<(), Failure> {
 
 pub fn explain(config: Option<&Path>, file: &Path) -> Result<(), Failure> {
     let mut engine = engine_for(config)?;
-    let raw = std::fs::read(file)
-        .map_err(|e| Failure::invalid(format!("explain: cannot read {}: {e}", file.display())))?;
+    // `-` is standard input, as for `replay`.
+    let raw = if file == Path::new("-") {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut buf)
+            .map_err(|e| Failure::invalid(format!("explain: cannot read standard input: {e}")))?;
+        buf
+    } else {
+        std::fs::read(file).map_err(|e| {
+            Failure::invalid(format!("explain: cannot read {}: {e}", file.display()))
+        })?
+    };
     let record = match serde_json::from_slice::<Value>(&raw) {
         Ok(v) => serde_json::to_vec(&v).unwrap_or(raw),
         Err(_) => {
@@ -137,6 +146,7 @@ pub fn explain(config: Option<&Path>, file: &Path) -> Result<(), Failure> {
         }
     };
     let before = views(&engine);
+    let keys_before = key_states(&engine);
     let timelines: BTreeMap<String, usize> = engine
         .deployments()
         .iter()
@@ -178,6 +188,14 @@ pub fn explain(config: Option<&Path>, file: &Path) -> Result<(), Failure> {
     for a in &alerts {
         touched.insert(a.deployment.clone());
     }
+    // The key's own state (`active` -> `suspended`, ...), which the deployments' `disk` follows.
+    let key_transitions: Vec<Value> = key_states(&engine)
+        .into_iter()
+        .filter_map(|(crn, to)| {
+            let from = keys_before.get(&crn)?;
+            (*from != to).then(|| json!({ "key": crn, "field": "state", "from": from, "to": to }))
+        })
+        .collect();
     let (result, reason) = match &disposition {
         Disposition::Applied => ("applied", None),
         Disposition::Ignored => ("ignored", None),
@@ -195,6 +213,7 @@ pub fn explain(config: Option<&Path>, file: &Path) -> Result<(), Failure> {
         "evaluated_at": now,
         "deployments": touched,
         "transitions": transitions,
+        "key_transitions": key_transitions,
         "alerts": alerts.iter().map(|a| json!({
             "kind": a.kind, "severity": a.severity, "deployment": a.deployment, "key": a.key,
             "event_time": a.event_time, "correlation_id": a.correlation_id, "summary": a.summary,
@@ -202,6 +221,16 @@ pub fn explain(config: Option<&Path>, file: &Path) -> Result<(), Failure> {
     });
     emit(&serde_json::to_string_pretty(&out).unwrap_or_default());
     Ok(())
+}
+
+/// The state of every key that protects a registered deployment, by key CRN.
+fn key_states(engine: &Engine) -> BTreeMap<String, Value> {
+    engine
+        .keys()
+        .keys()
+        .filter_map(|k| engine.key_view(k))
+        .map(|v| (v.crn, serde_json::to_value(v.state).unwrap_or_default()))
+        .collect()
 }
 
 fn views(engine: &Engine) -> BTreeMap<String, DeploymentView> {

@@ -299,3 +299,50 @@ fn status_evaluates_deadlines_at_now_without_writing() {
     );
     assert!(!again["alerts"].to_string().contains("rewrap_overdue"));
 }
+
+/// `explain -` reads the event from standard input and lists the key's own transition besides the
+/// deployments' (`kms.secrets.disable`: key `active` -> `suspended`, disk `unlocked` -> `locked`).
+#[test]
+fn explain_reads_stdin_and_names_the_key_transition() {
+    use std::io::Write;
+    let case = repo().join("tests/cases/disable-then-enable");
+    let events = std::fs::read_to_string(case.join("events.jsonl")).unwrap();
+    let disable = events.lines().next().unwrap();
+    assert!(disable.contains("kms.secrets.disable"), "{disable}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keywatch"))
+        .args([
+            "explain",
+            "--config",
+            case.join("config.toml").to_str().unwrap(),
+            "-",
+        ])
+        .env_remove("KEYWATCH_CONFIG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(disable.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    assert_eq!(out["result"], "applied");
+    let keys = out["key_transitions"].as_array().expect("key_transitions");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_eq!(keys[0]["from"], "active");
+    assert_eq!(keys[0]["to"], "suspended");
+    assert!(keys[0]["key"].as_str().unwrap().contains(":key:"));
+    let disk: Vec<_> = out["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["field"] == "disk")
+        .collect();
+    assert!(!disk.is_empty(), "{out}");
+    assert!(disk.iter().all(|t| t["to"] == "locked"), "{out}");
+}
