@@ -807,6 +807,32 @@ fn kafka_settings_are_validated() {
         error("[kafka]\nbrokers = \"a:1,,b:2\"\n"),
         "config error: kw.toml: kafka.brokers: invalid broker list \"a:1,,b:2\": expected host:port entries separated by commas"
     );
+    for bad in [
+        "5",
+        "\"b:0\"",
+        "\"b:99999\"",
+        "\"b:x\"",
+        "\"a:1, :2\"",
+        "\"[::1\"",
+    ] {
+        let text = format!("[kafka]\nbrokers = {bad}\n");
+        assert!(
+            error(&text).starts_with("config error: kw.toml: kafka.brokers: invalid broker list"),
+            "{bad}: {}",
+            error(&text)
+        );
+    }
+    for good in [
+        "b:9092",
+        "b1:9092, b2:9093",
+        "SASL_SSL://broker-0.example.com:9093",
+        "[::1]:9092",
+        "localhost",
+        "10.0.0.1:9092",
+    ] {
+        let settings = load_text(&format!("[kafka]\nbrokers = \"{good}\"\n"));
+        assert_eq!(settings.kafka.brokers, good);
+    }
     assert_eq!(
         error("[kafka]\ntopic = \"\"\n"),
         "config error: kw.toml: kafka.topic: must not be empty"

@@ -42,9 +42,34 @@ fn blank(text: &str) -> bool {
     text.trim().is_empty()
 }
 
+/// One entry of `kafka.brokers`: `host`, `host:port`, `[ipv6]:port`, optionally after a
+/// `protocol://` prefix, as librdkafka reads `bootstrap.servers`. A host of digits only (a number
+/// given where a list was meant, `brokers = 5`) and a port outside 1-65535 are refused.
+fn broker_entry_ok(entry: &str) -> bool {
+    let e = entry.trim();
+    let e = e.split_once("://").map_or(e, |(_, rest)| rest);
+    let port_ok = |p: &str| p.parse::<u16>().is_ok_and(|p| p > 0);
+    let (host, port) = if let Some(rest) = e.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((h, "")) => (h, None),
+            Some((h, tail)) => match tail.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None => return false,
+            },
+            None => return false,
+        }
+    } else if e.matches(':').count() == 1 {
+        let (h, p) = e.split_once(':').expect("one colon");
+        (h, Some(p))
+    } else {
+        (e, None) // a host alone, or an unbracketed IPv6 address
+    };
+    !blank(host) && !host.bytes().all(|b| b.is_ascii_digit()) && port.is_none_or(port_ok)
+}
+
 fn validate_kafka(settings: &mut Settings, layers: &Layers<'_>) -> Result<(), SettingsError> {
     let kafka = &mut settings.kafka;
-    if kafka.brokers.split(',').any(blank) {
+    if kafka.brokers.split(',').any(|b| !broker_entry_ok(b)) {
         return Err(at(
             layers,
             "kafka.brokers",
