@@ -114,6 +114,11 @@ pub struct Store {
     url: String,
     /// SQLite: this process's writers, one at a time in arrival order (shared by clones).
     write_turn: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// SQLite: the one connection every write transaction of this process runs on (reads use
+    /// `pool`). SQLite drops a connection's page cache when another connection wrote to the
+    /// database since its last transaction; writers taking turns on the pool's connections
+    /// started every transaction with a cold cache and read its pages again.
+    writer: Option<SqlitePool>,
 }
 
 /// A writer's turn ([`Store::write_turn`]); `None` on PostgreSQL, whose advisory lock queues
@@ -294,10 +299,11 @@ impl Store {
     /// `postgresql://...`.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
         let shown = redact_url(url);
-        let pool = if url.starts_with("sqlite:") {
-            Pool::Sqlite(open_sqlite(url, &shown).await?)
+        let (pool, writer) = if url.starts_with("sqlite:") {
+            let (pool, writer) = open_sqlite(url, &shown).await?;
+            (Pool::Sqlite(pool), Some(writer))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Pool::Postgres(open_postgres(url, &shown).await?)
+            (Pool::Postgres(open_postgres(url, &shown).await?), None)
         } else {
             return Err(StoreError::InvalidUrl {
                 url: shown,
@@ -308,6 +314,7 @@ impl Store {
             pool,
             url: shown,
             write_turn: Default::default(),
+            writer,
         };
         schema::migrate(&store).await?;
         Ok(store)
@@ -356,7 +363,15 @@ impl Store {
 
     /// Waits for the connections to close; later calls fail.
     pub async fn close(&self) {
+        if let Some(w) = &self.writer {
+            w.close().await;
+        }
         on_pool!(&self.pool, |p| p.close().await)
+    }
+
+    /// SQLite: where a write transaction runs ([`Store::writer`]), `pool` if there is no writer.
+    pub(crate) fn sqlite_writer<'a>(&'a self, pool: &'a SqlitePool) -> &'a SqlitePool {
+        self.writer.as_ref().unwrap_or(pool)
     }
 
     /// Everything needed at start-up, read from one consistent snapshot.
@@ -398,7 +413,8 @@ impl Store {
         let turn = self.write_turn().await?;
         let tx = match &self.pool {
             Pool::Sqlite(p) => Tx::Sqlite(
-                p.begin_with("BEGIN IMMEDIATE")
+                self.sqlite_writer(p)
+                    .begin_with("BEGIN IMMEDIATE")
                     .await
                     .map_err(query_error("begin a write transaction"))?,
             ),
@@ -964,7 +980,8 @@ const TIMESTAMP_FORMAT: &[time::format_description::BorrowedFormatItem<'static>]
     "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
 );
 
-async fn open_sqlite(url: &str, shown: &str) -> Result<SqlitePool, StoreError> {
+/// The reading pool and the one writing connection ([`Store::writer`]) of a SQLite store.
+async fn open_sqlite(url: &str, shown: &str) -> Result<(SqlitePool, SqlitePool), StoreError> {
     let path = sqlite_path(url).map_err(|reason| StoreError::InvalidUrl {
         url: shown.to_string(),
         reason,
@@ -985,7 +1002,7 @@ async fn open_sqlite(url: &str, shown: &str) -> Result<SqlitePool, StoreError> {
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(WRITE_LOCK_TIMEOUT)
         .foreign_keys(true)
-        // 1 MiB of page cache per connection (4 connections): the database pages are in the
+        // 1 MiB of page cache per reading connection (4 of them): the database pages are in the
         // OS page cache anyway, and SQLite's own caches were ~20 MiB of the service's peak RSS.
         .pragma("cache_size", "-1024")
         .pragma("temp_store", "memory")
@@ -998,10 +1015,20 @@ async fn open_sqlite(url: &str, shown: &str) -> Result<SqlitePool, StoreError> {
         // A local file does not go stale like a network connection: no `SELECT 1` round trip to
         // the connection's worker thread before every transaction.
         .test_before_acquire(false)
-        .connect_lazy_with(options);
+        .connect_lazy_with(options.clone());
+    // The writer keeps its cache from one transaction to the next (it is the only connection
+    // that writes), so it gets more: a transaction under load touches ~1 MiB of pages.
+    let writer = SqlitePoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(WRITE_LOCK_TIMEOUT)
+        .test_before_acquire(false)
+        .connect_lazy_with(options.pragma("cache_size", WRITER_CACHE));
     spawn_checkpointer(pool.clone());
-    Ok(pool)
+    Ok((pool, writer))
 }
+
+/// The writing connection's page cache (`PRAGMA cache_size`; negative: KiB).
+const WRITER_CACHE: &str = "-4096";
 
 /// How often a task of its own copies the SQLite WAL into the database file.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);

@@ -897,6 +897,43 @@ fn timestamps_outside_four_digit_years_are_refused() {
     ));
 }
 
+/// SQLite: every write transaction runs on the same connection, also while the reading pool's
+/// connections are busy, so the writer's page cache survives from one transaction to the next (a
+/// connection's TEMP table is the witness: it exists only on the connection that made it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_write_transactions_share_one_connection() {
+    let t = TestStore::sqlite().await;
+    let mut tx = t.store.begin().await.expect("begin");
+    let Tx::Sqlite(c) = &mut tx.tx else {
+        unreachable!("a SQLite transaction")
+    };
+    sqlx::query("CREATE TEMP TABLE witness (x)")
+        .execute(&mut **c)
+        .await
+        .expect("create temp table");
+    tx.commit().await.expect("commit");
+    let Pool::Sqlite(pool) = &t.store.pool else {
+        unreachable!("a SQLite store")
+    };
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        readers.push(pool.acquire().await.expect("a reading connection"));
+    }
+    let mut tx = t.store.begin().await.expect("begin again");
+    let seen: i64 = on_tx!(&mut tx.tx, |c| sqlx::query_scalar(
+        "SELECT count(*) FROM temp.sqlite_master WHERE name = 'witness'"
+    )
+    .fetch_one(&mut **c)
+    .await
+    .expect("query"));
+    assert_eq!(
+        seen, 1,
+        "the second write transaction ran on another connection"
+    );
+    tx.rollback().await.expect("rollback");
+    drop(readers);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Helpers.
 
