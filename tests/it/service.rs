@@ -72,7 +72,7 @@ fn end_to_end_case(brokers: &str, case: &str) {
         Duration::from_secs(30),
         || {
             let want = replay(&setup.config, &now_text(), &events);
-            let got = try_status(&setup.config)?;
+            let got = try_persisted(&setup.config)?;
             if clock_view(&got) == clock_view(&want) {
                 Ok(())
             } else {

@@ -366,12 +366,22 @@ pub fn status(config: &Path, now: Option<&str>) -> Value {
 
 /// `status` while a service may be writing: `Err` with its stderr if it failed.
 pub fn try_status(config: &Path) -> Result<Value, String> {
-    let o = keywatch()
-        .arg("status")
-        .arg("--config")
-        .arg(config)
-        .output()
-        .map_err(|e| e.to_string())?;
+    try_status_at(config, None)
+}
+
+/// The state exactly as the service persisted it: `status` at a time before any deadline, so
+/// that `status` itself finds nothing due (it evaluates deadlines at `--now` without writing).
+pub fn try_persisted(config: &Path) -> Result<Value, String> {
+    try_status_at(config, Some("1970-01-01T00:00:00Z"))
+}
+
+fn try_status_at(config: &Path, now: Option<&str>) -> Result<Value, String> {
+    let mut c = keywatch();
+    c.arg("status").arg("--config").arg(config);
+    if let Some(t) = now {
+        c.args(["--now", t]);
+    }
+    let o = c.output().map_err(|e| e.to_string())?;
     if !o.status.success() {
         return Err(format!(
             "status exited with {}: {}",
