@@ -18,6 +18,7 @@ use kafka::{ConsumerState, KeywatchContext};
 use persist::PersistError;
 use rdkafka::consumer::stream_consumer::MessageStream;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::collections::BTreeMap;
@@ -398,8 +399,15 @@ pub async fn run(
     if let Err(e) = p.tick_with_retry(&shutdown).await {
         tracing::warn!(error = %e, "final deadline check failed");
     }
-    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-        tracing::warn!(error = %e, "final offset commit failed; the stored progress still prevents double effects");
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => {}
+        // Nothing stored since the last commit (the automatic one took everything): not a failure.
+        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
+            tracing::debug!("final offset commit: nothing new to commit");
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "final offset commit failed; the stored progress still prevents double effects");
+        }
     }
     p.store.close().await;
     Ok(())
