@@ -1203,8 +1203,8 @@ impl Engine {
                 "could not act on it: state conflict (409)"
             };
             // A rotation failure that names nobody concerns the deployments still unconfirmed;
-            // one that already confirmed every rotation of its key is not affected by it.
-            if of == AckOf::Rotate && !named && self.rewrap_of(&d) == Rewrap::Current {
+            // one that confirmed the rotation it is about is not affected by it.
+            if of == AckOf::Rotate && !named && self.confirmed_failed_rotation(&d, key, ev) {
                 continue;
             }
             let action = KeyAction::Ack(of).name();
@@ -1214,6 +1214,30 @@ impl Engine {
                 self.raise_for_event(AlertKind::AckFailed, severity, &d, key, ev, summary);
             }
         }
+    }
+
+    /// Whether `dep` confirmed the rotation an ack-rotate failure `ev` is about (the rotation with
+    /// its correlation id, else the key's latest rotation before it) and is `current`. `false`
+    /// while that rotation is not known yet (records arrive out of order): the failure may then
+    /// well concern the deployment.
+    fn confirmed_failed_rotation(&self, dep: &str, key: &str, ev: &Event) -> bool {
+        let Some(confirmed) = self.deployments[dep].confirmed_at else {
+            return false;
+        };
+        let rotation = ev
+            .correlation_id
+            .as_deref()
+            .and_then(|c| self.rotation_time(dep, c))
+            .or_else(|| {
+                self.keys.get(key).and_then(|k| {
+                    k.rotations
+                        .iter()
+                        .map(|r| r.time)
+                        .filter(|t| *t <= ev.time)
+                        .max()
+                })
+            });
+        rotation.is_some_and(|r| confirmed >= r) && self.rewrap_of(dep) == Rewrap::Current
     }
 
     /// Remembers a correlation id the deployment confirmed, persisted in the next journal.
