@@ -7,6 +7,7 @@ pub mod commands;
 pub mod crn;
 pub mod delivery;
 pub mod engine;
+pub mod errors;
 pub mod event;
 pub mod hex;
 pub mod http;

@@ -31,17 +31,7 @@ async fn connect(settings: &Settings) -> Result<Store, Failure> {
 /// A store error as the command's one line, with its causes (the reason a connection failed);
 /// a cause whose text its error already ends with is not repeated (sqlx's errors show their own).
 fn store_failure(e: impl std::error::Error) -> Failure {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !line.ends_with(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = cause.source();
-    }
-    Failure::runtime(format!("store: {line}"))
+    Failure::runtime(format!("store: {}", crate::errors::causes(&e).join(": ")))
 }
 
 pub fn run(config: Option<&Path>) -> Result<(), Failure> {

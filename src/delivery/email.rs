@@ -91,17 +91,7 @@ impl EmailSender {
 
 /// The error with its causes, in one line (the SMTP reply of the server included).
 fn describe(error: &lettre::transport::smtp::Error) -> String {
-    let mut parts: Vec<String> = vec![format!("smtp: {error}")];
-    let mut source = std::error::Error::source(error);
-    while let Some(e) = source {
-        let text = e.to_string();
-        if !parts.iter().any(|p| p.ends_with(&text)) {
-            parts.push(text);
-        }
-        source = e.source();
-    }
-    parts
-        .join(": ")
+    format!("smtp: {}", crate::errors::causes(error).join(": "))
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ")

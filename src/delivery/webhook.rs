@@ -140,13 +140,10 @@ fn describe(error: reqwest::Error, timeout: Duration) -> String {
     } else if error.is_connect() {
         parts.push("cannot connect".to_owned());
     }
-    let mut source: Option<&dyn std::error::Error> = Some(&error);
-    while let Some(e) = source {
-        let text = e.to_string();
-        if !parts.iter().any(|p| p == &text) {
+    for text in crate::errors::causes(&error) {
+        if !parts.iter().any(|p| p.ends_with(&text)) {
             parts.push(text);
         }
-        source = e.source();
     }
     parts.join(": ")
 }
