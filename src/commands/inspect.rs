@@ -1,5 +1,6 @@
 //! `check-config`, `explain` and `blast-radius`: questions about the configuration and one event.
 
+use super::replay::open_input;
 use super::{emit, load_settings};
 use crate::cli::Failure;
 use crate::engine::view::DeploymentView;
@@ -8,6 +9,7 @@ use crate::setup;
 use crate::timefmt::Millis;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read as _;
 use std::path::Path;
 
 /// The engine `explain` and `blast-radius` answer from: the persisted state when the configured
@@ -117,17 +119,11 @@ pub fn blast_radius(config: Option<&Path>, key: &str) -> Result<(), Failure> {
 
 pub fn explain(config: Option<&Path>, file: &Path) -> Result<(), Failure> {
     let mut engine = engine_for(config)?;
-    // `-` is standard input, as for `replay`.
-    let raw = if file == Path::new("-") {
-        let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut buf)
-            .map_err(|e| Failure::invalid(format!("explain: cannot read standard input: {e}")))?;
-        buf
-    } else {
-        std::fs::read(file).map_err(|e| {
-            Failure::invalid(format!("explain: cannot read {}: {e}", file.display()))
-        })?
-    };
+    // `-` is standard input, as for `replay` (whose input opener this is).
+    let mut raw = Vec::new();
+    open_input(&file.to_string_lossy())
+        .and_then(|(mut input, _)| input.read_to_end(&mut raw))
+        .map_err(|e| Failure::invalid(format!("explain: cannot read {}: {e}", file.display())))?;
     let record = match serde_json::from_slice::<Value>(&raw) {
         Ok(v) => serde_json::to_vec(&v).unwrap_or(raw),
         Err(_) => {

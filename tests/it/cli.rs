@@ -5,9 +5,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn keywatch(args: &[&str]) -> Output {
+    keywatch_reading(args, std::process::Stdio::null())
+}
+
+/// [`keywatch`] with `stdin` as its standard input (for the `-` input name).
+fn keywatch_reading(args: &[&str], stdin: impl Into<std::process::Stdio>) -> Output {
     Command::new(env!("CARGO_BIN_EXE_keywatch"))
         .args(args)
         .env_remove("KEYWATCH_CONFIG")
+        .stdin(stdin)
         .output()
         .expect("runs")
 }
@@ -123,17 +129,16 @@ fn replay_reads_stdin_and_several_files() {
     }
     let config = case.join("config.toml");
     let events = case.join("events.jsonl");
-    let o = Command::new(env!("CARGO_BIN_EXE_keywatch"))
-        .args([
+    let o = keywatch_reading(
+        &[
             "replay",
             "--config",
             config.to_str().unwrap(),
             "-",
             events.to_str().unwrap(),
-        ])
-        .stdin(std::fs::File::open(&events).unwrap())
-        .output()
-        .unwrap();
+        ],
+        std::fs::File::open(&events).unwrap(),
+    );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(report["stats"]["events"], 64);
@@ -304,31 +309,22 @@ fn status_evaluates_deadlines_at_now_without_writing() {
 /// deployments' (`kms.secrets.disable`: key `active` -> `suspended`, disk `unlocked` -> `locked`).
 #[test]
 fn explain_reads_stdin_and_names_the_key_transition() {
-    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
     let case = repo().join("tests/cases/disable-then-enable");
     let events = std::fs::read_to_string(case.join("events.jsonl")).unwrap();
     let disable = events.lines().next().unwrap();
     assert!(disable.contains("kms.secrets.disable"), "{disable}");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keywatch"))
-        .args([
+    let event = dir.path().join("disable.json");
+    std::fs::write(&event, disable).unwrap();
+    let o = keywatch_reading(
+        &[
             "explain",
             "--config",
             case.join("config.toml").to_str().unwrap(),
             "-",
-        ])
-        .env_remove("KEYWATCH_CONFIG")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(disable.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+        ],
+        std::fs::File::open(&event).unwrap(),
+    );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let out: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
     assert_eq!(out["result"], "applied");
