@@ -107,7 +107,7 @@ fn parse_now(now: Option<&str>) -> Result<Option<Millis>, Failure> {
 /// anything: a rewrap deadline that passed since the service last checked (or while it was not
 /// running) shows as `overdue`, with the `rewrap_overdue` alert the service raises when it
 /// checks. So `status --now T` and `replay --now T` of the same events agree. Without
-/// `deadlines` (`replay --store` with no time to evaluate them at) none is evaluated.
+/// `deadlines` none is evaluated (`replay --store` evaluated and persisted them already).
 async fn print_stored_report(
     store: &Store,
     settings: &Settings,
@@ -240,6 +240,6 @@ pub fn replay_into_store(
             .await
             .map_err(fail)?;
         tx.commit().await.map_err(|e| fail(e.into()))?;
-        print_stored_report(&store, &settings, now, at.is_some()).await
+        print_stored_report(&store, &settings, now, false).await
     })
 }
