@@ -1165,8 +1165,9 @@ impl Engine {
 
     fn apply_ack_failure(&mut self, key: &str, ev: &Event, of: AckOf, stale: bool) {
         let code = ev.reason_code.unwrap_or(0);
-        let named = ev.ack_resource().is_some();
-        let targets = match ev.ack_resource() {
+        let resource = ev.ack_resource();
+        let named = resource.is_some();
+        let targets = match resource {
             Some(r) => match self.lookup_deployment(r) {
                 Some(d) => vec![d],
                 None => Vec::new(),
@@ -1197,16 +1198,16 @@ impl Engine {
                 }
                 self.dirty.mark(EntityKind::Deployment, &d);
             }
-            let what = if code == 408 {
-                "did not confirm within the deadline (408)"
-            } else {
-                "could not act on it: state conflict (409)"
-            };
             // A rotation failure that names nobody concerns the deployments still unconfirmed;
             // one that confirmed the rotation it is about is not affected by it.
             if of == AckOf::Rotate && !named && self.confirmed_failed_rotation(&d, key, ev) {
                 continue;
             }
+            let what = if code == 408 {
+                "did not confirm within the deadline (408)"
+            } else {
+                "could not act on it: state conflict (409)"
+            };
             let action = KeyAction::Ack(of).name();
             self.note(&d, ev, &format!("{action} failed with {code}"));
             if !stale {
