@@ -352,12 +352,17 @@ fn run(mut c: Command, what: &str) -> Output {
 
 /// `keywatch status --config C [--now T]`: stdout as bytes (exit 0 required).
 pub fn status_bytes(config: &Path, now: Option<&str>) -> Vec<u8> {
+    run(status_command(config, now), "keywatch status").stdout
+}
+
+/// `keywatch status --config C [--now T]`, not started.
+fn status_command(config: &Path, now: Option<&str>) -> Command {
     let mut c = keywatch();
     c.arg("status").arg("--config").arg(config);
     if let Some(t) = now {
         c.args(["--now", t]);
     }
-    run(c, "keywatch status").stdout
+    c
 }
 
 pub fn status(config: &Path, now: Option<&str>) -> Value {
@@ -376,12 +381,9 @@ pub fn try_persisted(config: &Path) -> Result<Value, String> {
 }
 
 fn try_status_at(config: &Path, now: Option<&str>) -> Result<Value, String> {
-    let mut c = keywatch();
-    c.arg("status").arg("--config").arg(config);
-    if let Some(t) = now {
-        c.args(["--now", t]);
-    }
-    let o = c.output().map_err(|e| e.to_string())?;
+    let o = status_command(config, now)
+        .output()
+        .map_err(|e| e.to_string())?;
     if !o.status.success() {
         return Err(format!(
             "status exited with {}: {}",
