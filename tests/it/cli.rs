@@ -22,6 +22,17 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The JSON a run printed; the run must have exited 0.
+fn json_output(o: &Output) -> serde_json::Value {
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(o));
+    serde_json::from_slice(&o.stdout).expect("JSON on stdout")
+}
+
+/// [`keywatch`], then [`json_output`].
+fn keywatch_json(args: &[&str]) -> serde_json::Value {
+    json_output(&keywatch(args))
+}
+
 #[test]
 fn a_missing_input_file_is_invalid_input() {
     let o = keywatch(&["replay", "/nonexistent/events.jsonl"]);
@@ -114,9 +125,7 @@ fn garbage_input_never_panics_and_is_counted() {
     }
     garbage.extend_from_slice(&[0xff, 0xfe, b'\n']);
     std::fs::write(&path, garbage).unwrap();
-    let o = keywatch(&["replay", path.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("report");
+    let report = keywatch_json(&["replay", path.to_str().unwrap()]);
     assert_eq!(report["stats"]["events"], 10);
     assert_eq!(report["stats"]["invalid"], 10);
 }
@@ -139,8 +148,7 @@ fn replay_reads_stdin_and_several_files() {
         ],
         std::fs::File::open(&events).unwrap(),
     );
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let report = json_output(&o);
     assert_eq!(report["stats"]["events"], 64);
     assert_eq!(
         report["stats"]["duplicates"], 2,
@@ -167,13 +175,11 @@ fn status_of_a_store_not_created_yet_is_the_registry_and_creates_nothing() {
     let db = dir.path().join("not-yet").join("keywatch.db");
     let case = repo().join("tests/cases/disable-then-enable");
     let config = store_config(dir.path(), &db, Some(&case));
-    let o = keywatch(&["status", "--config", config.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let status: serde_json::Value = serde_json::from_slice(&o.stdout).expect("report");
+    let status = keywatch_json(&["status", "--config", config.to_str().unwrap()]);
     let empty = dir.path().join("empty.jsonl");
     std::fs::write(&empty, "").unwrap();
     let now = "2026-08-20T12:00:00Z";
-    let r = keywatch(&[
+    let replay = keywatch_json(&[
         "replay",
         "--config",
         case.join("config.toml").to_str().unwrap(),
@@ -181,7 +187,6 @@ fn status_of_a_store_not_created_yet_is_the_registry_and_creates_nothing() {
         now,
         empty.to_str().unwrap(),
     ]);
-    let replay: serde_json::Value = serde_json::from_slice(&r.stdout).expect("report");
     assert!(!status["deployments"].as_array().unwrap().is_empty());
     assert_eq!(status["deployments"], replay["deployments"]);
     assert_eq!(status["alerts"], replay["alerts"]);
@@ -217,26 +222,22 @@ fn replay_without_any_event_time_evaluates_no_deadline() {
     let case = repo().join("tests/cases/key-deleted-info-for-soft-deleted-deployment");
     let config = store_config(dir.path(), &dir.path().join("keywatch.db"), Some(&case));
     let config = config.to_str().unwrap();
-    let o = keywatch(&[
+    let before = keywatch_json(&[
         "replay",
         "--store",
         "--config",
         config,
         case.join("events.jsonl").to_str().unwrap(),
     ]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let before: serde_json::Value = serde_json::from_slice(&o.stdout).expect("report");
     let empty = dir.path().join("empty.jsonl");
     std::fs::write(&empty, "not json\n").unwrap();
-    let o = keywatch(&[
+    let after = keywatch_json(&[
         "replay",
         "--store",
         "--config",
         config,
         empty.to_str().unwrap(),
     ]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let after: serde_json::Value = serde_json::from_slice(&o.stdout).expect("report");
     assert_eq!(
         after["keys"], before["keys"],
         "the key state moved with the wall clock"
@@ -271,13 +272,8 @@ fn status_evaluates_deadlines_at_now_without_writing() {
         events.to_str().unwrap(),
     ]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let report = |args: &[&str]| -> serde_json::Value {
-        let o = keywatch(args);
-        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
-        serde_json::from_slice(&o.stdout).expect("report")
-    };
-    let status = report(&["status", "--config", config, "--now", late]);
-    let replay = report(&[
+    let status = keywatch_json(&["status", "--config", config, "--now", late]);
+    let replay = keywatch_json(&[
         "replay",
         "--config",
         case.join("config.toml").to_str().unwrap(),
@@ -296,7 +292,7 @@ fn status_evaluates_deadlines_at_now_without_writing() {
     assert_eq!(rewrap(&status), ["overdue", "overdue"]);
     assert_eq!(status["deployments"], replay["deployments"]);
     assert_eq!(status["alerts"], replay["alerts"]);
-    let again = report(&["status", "--config", config, "--now", early]);
+    let again = keywatch_json(&["status", "--config", config, "--now", early]);
     assert_eq!(
         rewrap(&again),
         ["pending", "pending"],
@@ -325,8 +321,7 @@ fn explain_reads_stdin_and_names_the_key_transition() {
         ],
         std::fs::File::open(&event).unwrap(),
     );
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let out: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    let out = json_output(&o);
     assert_eq!(out["result"], "applied");
     let keys = out["key_transitions"].as_array().expect("key_transitions");
     assert_eq!(keys.len(), 1, "{keys:?}");
