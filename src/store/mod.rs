@@ -55,7 +55,7 @@
 macro_rules! on_pool {
     ($pool:expr, |$p:ident| $body:expr) => {
         match $pool {
-            Pool::Sqlite($p) => $body,
+            Pool::Sqlite { read: $p, .. } => $body,
             Pool::Postgres($p) => $body,
         }
     };
@@ -114,11 +114,6 @@ pub struct Store {
     url: String,
     /// SQLite: this process's writers, one at a time in arrival order (shared by clones).
     write_turn: std::sync::Arc<tokio::sync::Mutex<()>>,
-    /// SQLite: the one connection every write transaction of this process runs on (reads use
-    /// `pool`). SQLite drops a connection's page cache when another connection wrote to the
-    /// database since its last transaction; writers taking turns on the pool's connections
-    /// started every transaction with a cold cache and read its pages again.
-    writer: Option<SqlitePool>,
 }
 
 /// A writer's turn ([`Store::write_turn`]); `None` on PostgreSQL, whose advisory lock queues
@@ -299,11 +294,11 @@ impl Store {
     /// `postgresql://...`.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
         let shown = redact_url(url);
-        let (pool, writer) = if url.starts_with("sqlite:") {
-            let (pool, writer) = open_sqlite(url, &shown).await?;
-            (Pool::Sqlite(pool), Some(writer))
+        let pool = if url.starts_with("sqlite:") {
+            let (read, write) = open_sqlite(url, &shown).await?;
+            Pool::Sqlite { read, write }
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            (Pool::Postgres(open_postgres(url, &shown).await?), None)
+            Pool::Postgres(open_postgres(url, &shown).await?)
         } else {
             return Err(StoreError::InvalidUrl {
                 url: shown,
@@ -314,7 +309,6 @@ impl Store {
             pool,
             url: shown,
             write_turn: Default::default(),
-            writer,
         };
         schema::migrate(&store).await?;
         Ok(store)
@@ -325,7 +319,7 @@ impl Store {
     /// transaction.
     pub(crate) async fn write_turn(&self) -> Result<WriteTurn, StoreError> {
         match self.pool {
-            Pool::Sqlite(_) => {
+            Pool::Sqlite { .. } => {
                 tokio::time::timeout(WRITE_LOCK_TIMEOUT, self.write_turn.clone().lock_owned())
                     .await
                     .map(Some)
@@ -363,15 +357,10 @@ impl Store {
 
     /// Waits for the connections to close; later calls fail.
     pub async fn close(&self) {
-        if let Some(w) = &self.writer {
-            w.close().await;
+        if let Pool::Sqlite { write, .. } = &self.pool {
+            write.close().await;
         }
         on_pool!(&self.pool, |p| p.close().await)
-    }
-
-    /// SQLite: where a write transaction runs ([`Store::writer`]), `pool` if there is no writer.
-    pub(crate) fn sqlite_writer<'a>(&'a self, pool: &'a SqlitePool) -> &'a SqlitePool {
-        self.writer.as_ref().unwrap_or(pool)
     }
 
     /// Everything needed at start-up, read from one consistent snapshot.
@@ -412,8 +401,8 @@ impl Store {
     pub async fn begin(&self) -> Result<StoreTx<'_>, StoreError> {
         let turn = self.write_turn().await?;
         let tx = match &self.pool {
-            Pool::Sqlite(p) => Tx::Sqlite(
-                self.sqlite_writer(p)
+            Pool::Sqlite { write, .. } => Tx::Sqlite(
+                write
                     .begin_with("BEGIN IMMEDIATE")
                     .await
                     .map_err(query_error("begin a write transaction"))?,
@@ -523,7 +512,7 @@ impl Store {
 
     fn backend(&self) -> Backend {
         match self.pool {
-            Pool::Sqlite(_) => Backend::Sqlite,
+            Pool::Sqlite { .. } => Backend::Sqlite,
             Pool::Postgres(_) => Backend::Postgres,
         }
     }
@@ -887,7 +876,14 @@ impl StoreTx<'_> {
 
 #[derive(Clone)]
 enum Pool {
-    Sqlite(SqlitePool),
+    /// `read`: the pool reads (and [`on_pool!`]) use. `write`: the one connection every write
+    /// transaction of this process runs on. SQLite drops a connection's page cache when another
+    /// connection wrote to the database since its last transaction; writers taking turns on the
+    /// pool's connections started every transaction with a cold cache and read its pages again.
+    Sqlite {
+        read: SqlitePool,
+        write: SqlitePool,
+    },
     Postgres(PgPool),
 }
 
@@ -980,7 +976,7 @@ const TIMESTAMP_FORMAT: &[time::format_description::BorrowedFormatItem<'static>]
     "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
 );
 
-/// The reading pool and the one writing connection ([`Store::writer`]) of a SQLite store.
+/// The reading pool and the one writing connection ([`Pool::Sqlite`]) of a SQLite store.
 async fn open_sqlite(url: &str, shown: &str) -> Result<(SqlitePool, SqlitePool), StoreError> {
     let path = sqlite_path(url).map_err(|reason| StoreError::InvalidUrl {
         url: shown.to_string(),

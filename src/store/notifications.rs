@@ -203,9 +203,8 @@ impl Store {
         const SELECT_CURSOR: &str = "SELECT planned_seq FROM delivery_cursor WHERE singleton = 1";
         let turn = self.write_turn().await?;
         let (tx, cursor) = match &self.pool {
-            Pool::Sqlite(p) => {
-                let mut t = self
-                    .sqlite_writer(p)
+            Pool::Sqlite { write, .. } => {
+                let mut t = write
                     .begin_with("BEGIN IMMEDIATE")
                     .await
                     .map_err(query_error("begin planning"))?;
@@ -293,12 +292,9 @@ impl Store {
         let begin = query_error("begin recording delivery attempts");
         let _turn = self.write_turn().await?;
         let mut tx = match &self.pool {
-            Pool::Sqlite(p) => Tx::Sqlite(
-                self.sqlite_writer(p)
-                    .begin_with("BEGIN IMMEDIATE")
-                    .await
-                    .map_err(begin)?,
-            ),
+            Pool::Sqlite { write, .. } => {
+                Tx::Sqlite(write.begin_with("BEGIN IMMEDIATE").await.map_err(begin)?)
+            }
             Pool::Postgres(p) => Tx::Postgres(p.begin().await.map_err(begin)?),
         };
         let result = record_and_claim_in(&mut tx, self.backend(), finished, claim).await?;

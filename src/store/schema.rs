@@ -65,7 +65,7 @@ pub(super) async fn migrate(store: &Store) -> Result<(), StoreError> {
         source,
     };
     let (mut tx, migrations) = match &store.pool {
-        Pool::Sqlite(p) => (
+        Pool::Sqlite { read: p, .. } => (
             Tx::Sqlite(p.begin_with("BEGIN IMMEDIATE").await.map_err(failed)?),
             SQLITE,
         ),

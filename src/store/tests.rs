@@ -912,7 +912,7 @@ async fn sqlite_write_transactions_share_one_connection() {
         .await
         .expect("create temp table");
     tx.commit().await.expect("commit");
-    let Pool::Sqlite(pool) = &t.store.pool else {
+    let Pool::Sqlite { read: pool, .. } = &t.store.pool else {
         unreachable!("a SQLite store")
     };
     let mut readers = Vec::new();
