@@ -1014,6 +1014,11 @@ impl Processor {
         // Measured to the commit, not to now: the bookkeeping of a pipelined transaction may
         // wait for the loop, while its state was committed (and visible) already.
         let committed_at = Millis(Millis::now().0 - commit.at.elapsed().as_millis() as i64);
+        // Observed per record into local copies, added to the shared histograms once (when they
+        // are dropped): an observation of a shared histogram is three atomic updates, ~3% of the
+        // loop's time at two observations per record.
+        let processing = shared.metrics.processing.local();
+        let produce_to_commit = shared.metrics.produce_to_commit.local();
         for part in parts {
             for (n, result) in
                 part.counts
@@ -1038,13 +1043,10 @@ impl Processor {
                 .saturating_duration_since(part.received)
                 .as_secs_f64();
             for _ in 0..part.len {
-                shared.metrics.processing.observe(took);
+                processing.observe(took);
             }
             for ms in &part.timestamps {
-                shared
-                    .metrics
-                    .produce_to_commit
-                    .observe(((committed_at.0 - ms) as f64 / 1000.0).max(0.0));
+                produce_to_commit.observe(((committed_at.0 - ms) as f64 / 1000.0).max(0.0));
             }
         }
         // `next` holds the next offset to read. `store_offset` would store offset + 1 (librdkafka's
