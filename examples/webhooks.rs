@@ -18,7 +18,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
-use keywatch::delivery::{DeliveryMetrics, Worker};
+use keywatch::delivery::{DeliveryMetrics, Worker, WorkerOptions, WOKEN_POLL_INTERVAL};
 use keywatch::metrics::Metrics;
 use keywatch::service::persist;
 use keywatch::settings::Settings;
@@ -184,12 +184,19 @@ async fn phase(name: &'static str, a: &Args, steady: bool) -> Phase {
     seq = seq.max(tx.commit().await.expect("commit"));
 
     let metrics = Metrics::new();
+    let wakeup = std::sync::Arc::new(tokio::sync::Notify::new());
     let worker = Worker::new(
         &settings,
         Store::connect(&settings.store.url).await.expect("store"),
         DeliveryMetrics::new(&metrics),
     )
-    .expect("worker");
+    .expect("worker")
+    // As in `keywatch run`: woken after each commit that wrote alerts.
+    .with_wakeup(wakeup.clone())
+    .with_options(WorkerOptions {
+        poll_interval: WOKEN_POLL_INTERVAL,
+        ..Default::default()
+    });
     let token = CancellationToken::new();
     let running = tokio::spawn(worker.run(token.clone()));
 
@@ -210,6 +217,7 @@ async fn phase(name: &'static str, a: &Args, steady: bool) -> Phase {
                 .expect("write");
             seq = tx.commit().await.expect("commit");
             committed.insert(deployment_crn(i), Instant::now());
+            wakeup.notify_one();
         }
     } else {
         let mut tx = store.begin().await.expect("begin");
@@ -225,6 +233,7 @@ async fn phase(name: &'static str, a: &Args, steady: bool) -> Phase {
         assert_eq!(n, a.alerts, "one alert per event");
         tx.commit().await.expect("commit");
         let at = Instant::now();
+        wakeup.notify_one();
         for i in 0..a.alerts {
             committed.insert(deployment_crn(i), at);
         }

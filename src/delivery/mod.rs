@@ -53,7 +53,7 @@ mod worker;
 pub use content::{Content, DeploymentInfo, EmailContent, EventInfo, KeyInfo};
 pub use routes::webhook_recipient;
 pub use test_alert::{send_test_notifications, TestOutcome};
-pub use worker::{Worker, WorkerOptions};
+pub use worker::{Worker, WorkerOptions, WOKEN_POLL_INTERVAL};
 
 use crate::metrics::Metrics;
 use prometheus::{IntCounterVec, IntGauge};

@@ -46,6 +46,9 @@ const FRESH_STATE: Duration = Duration::from_millis(100);
 /// routed anywhere): it then runs at most this often, and before stopping, instead of in a write
 /// transaction of its own every poll (about one per processed batch under load).
 const UNROUTED_PLAN_INTERVAL: Duration = Duration::from_secs(1);
+/// The poll interval of a worker that is woken for its own process's alerts (see
+/// [`Worker::with_wakeup`]), as in `keywatch run`: what is left to see is other instances' work.
+pub const WOKEN_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest pause after repeated store errors.
 const MAX_ERROR_PAUSE: Duration = Duration::from_secs(10);
 
@@ -79,6 +82,16 @@ pub struct Worker {
     known_planned: i64,
     /// When the last planning round without routes ran (see [`UNROUTED_PLAN_INTERVAL`]).
     unrouted_planned_at: Option<Instant>,
+    /// See [`Worker::with_wakeup`].
+    wakeup: Option<Arc<tokio::sync::Notify>>,
+}
+
+/// Waits for `wakeup` to be signalled; forever without one.
+async fn woken(wakeup: Option<&tokio::sync::Notify>) {
+    match wakeup {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Per finished attempt whether it was recorded, and the notifications claimed.
@@ -138,11 +151,20 @@ impl Worker {
             options: WorkerOptions::default(),
             known_planned: 0,
             unrouted_planned_at: None,
+            wakeup: None,
         })
     }
 
     pub fn with_options(mut self, options: WorkerOptions) -> Worker {
         self.options = options;
+        self
+    }
+
+    /// Looks at the store as soon as `wakeup` is signalled (after a commit of this process that
+    /// wrote alerts), besides every [`WorkerOptions::poll_interval`] (alerts of instances that
+    /// stopped before planning them, retries and leases changed by other instances).
+    pub fn with_wakeup(mut self, wakeup: Arc<tokio::sync::Notify>) -> Worker {
+        self.wakeup = Some(wakeup);
         self
     }
 
@@ -276,6 +298,7 @@ impl Worker {
                 _ = shutdown.cancelled() => {}
                 Some(outcome) = outcomes.recv() => finished.push(outcome),
                 _ = tokio::time::sleep_until(wake) => {}
+                _ = woken(self.wakeup.as_deref()) => {}
             }
         }
         self.flush(tasks, finished, done, outcomes).await;

@@ -72,6 +72,9 @@ pub struct Shared {
     pub consuming: std::sync::atomic::AtomicBool,
     pub batches: std::sync::atomic::AtomicU64,
     pub metrics: Metrics,
+    /// Signalled after every commit that wrote alerts: wakes the delivery worker, which otherwise
+    /// only looks at the store now and then (see `Worker::with_wakeup`).
+    pub alerts_written: Arc<tokio::sync::Notify>,
 }
 
 /// A question or a registry change for the engine, served by the processing loop between batches
@@ -539,7 +542,11 @@ impl Processor {
         }
     }
 
+    /// Counts the alerts a commit wrote, and wakes the delivery worker for them.
     fn count_alerts(&self, alerts: &[crate::engine::Alert]) {
+        if !alerts.is_empty() {
+            self.shared.alerts_written.notify_one();
+        }
         for a in alerts {
             self.shared
                 .metrics

@@ -1009,6 +1009,53 @@ async fn a_400_fails_at_once() {
     assert_eq!(world.store.pending_notifications().await.expect("count"), 0);
 }
 
+/// A worker woken after commits (as in `run`) delivers an alert committed while it waits,
+/// although it would not look at the store by itself for an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_woken_worker_delivers_without_polling() {
+    let rx = Receiver::start(vec![Reply::Ok]).await;
+    let routes = webhook_route("hooks", &rx.url(), "[\"key_disabled\"]", "0s");
+    let mut world = World::new(
+        &format!("{}\n{routes}", delivery_toml("1h", "2s")),
+        None,
+        &registry_toml(),
+    )
+    .await;
+    let wakeup = Arc::new(tokio::sync::Notify::new());
+    let store = Store::connect(&world.settings.store.url)
+        .await
+        .expect("store");
+    let worker = world
+        .worker(store)
+        .with_wakeup(wakeup.clone())
+        .with_options(WorkerOptions {
+            poll_interval: Duration::from_secs(3600),
+            ..fast()
+        });
+    let token = CancellationToken::new();
+    let running = Running {
+        token: token.clone(),
+        handle: tokio::spawn(worker.run(token)),
+    };
+    // The worker has looked once (nothing to do) and now waits.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(world.notifications().await.is_empty());
+    let alerts = world
+        .apply(&[key_event(
+            "kms.secrets.disable",
+            KEY2,
+            "2026-08-20T14:00:00.00+0000",
+            "c-woken",
+        )])
+        .await;
+    assert_eq!(alerts.len(), 1, "{alerts:#?}");
+    wakeup.notify_one();
+    let rows = world.settled(1).await;
+    assert_eq!(rows[0].status, "delivered", "{rows:#?}");
+    assert_eq!(rx.received().len(), 1);
+    running.stop().await;
+}
+
 /// 500 is retried (twice here) until it is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_500_is_retried_until_delivered() {
