@@ -432,16 +432,14 @@ pub async fn run(
             .inflight
             .as_ref()
             .is_some_and(|f| !f.task.is_finished());
-        if pipe.pending.is_empty()
-            || (busy && pipe.pending_records < MAX_PENDING)
-            || (pipe.inflight.is_none() && pipe.gathering(Instant::now()))
-        {
+        if pipe.pending.is_empty() || (busy && pipe.pending_records < MAX_PENDING) {
             continue; // written by the next transaction, together with what comes meanwhile
         }
         let committed = match pipe.inflight.take() {
             Some(f) => p.finish(f, &consumer).await?,
             None => true,
         };
+        // Behind a backlog the pending batches may go on gathering (see BACKLOG_BATCH).
         p.next_commit(
             &mut pipe,
             committed,
