@@ -17,3 +17,4 @@ pub mod settings;
 pub mod setup;
 pub mod store;
 pub mod timefmt;
+mod wait;

@@ -26,6 +26,7 @@ use crate::settings::{
 };
 use crate::store::{AttemptOutcome, Claim, FinishedAttempt, NotificationRow, Store};
 use crate::timefmt::Millis;
+use crate::wait::or_never;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,14 +85,6 @@ pub struct Worker {
     unrouted_planned_at: Option<Instant>,
     /// See [`Worker::with_wakeup`].
     wakeup: Option<Arc<tokio::sync::Notify>>,
-}
-
-/// Waits for `wakeup` to be signalled; forever without one.
-async fn woken(wakeup: Option<&tokio::sync::Notify>) {
-    match wakeup {
-        Some(n) => n.notified().await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Per finished attempt whether it was recorded, and the notifications claimed.
@@ -298,7 +291,7 @@ impl Worker {
                 _ = shutdown.cancelled() => {}
                 Some(outcome) = outcomes.recv() => finished.push(outcome),
                 _ = tokio::time::sleep_until(wake) => {}
-                _ = woken(self.wakeup.as_deref()) => {}
+                _ = or_never(self.wakeup.as_deref().map(tokio::sync::Notify::notified)) => {}
             }
         }
         self.flush(tasks, finished, done, outcomes).await;

@@ -13,6 +13,7 @@ use crate::metrics::Metrics;
 use crate::settings::Settings;
 use crate::store::{PartitionOffset, Store};
 use crate::timefmt::Millis;
+use crate::wait::or_never;
 use futures::{FutureExt as _, StreamExt as _};
 use kafka::{ConsumerState, KeywatchContext};
 use persist::PersistError;
@@ -203,26 +204,6 @@ fn saw_other_writer(foreign_at: &mut Option<Instant>) {
     *foreign_at = Some(Instant::now());
 }
 
-/// Waits for the transaction in flight to end (forever when there is none). The task is polled
-/// through a reference: its output is returned here, so the handle must not be awaited again
-/// (see [`Processor::finish_joined`]).
-async fn join_in_flight(
-    inflight: &mut Option<InFlight>,
-) -> Result<Result<Committed, PersistError>, tokio::task::JoinError> {
-    match inflight {
-        Some(f) => (&mut f.task).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Sleeps until `deadline`; forever when there is none.
-async fn sleep_until_or_never(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Whether [`Processor::next_commit`] may leave the pending batches gathering.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Hold {
@@ -357,14 +338,16 @@ pub async fn run(
             }
             // The transaction in flight ended: its batches' offsets and metrics are done now,
             // not when the next record comes, and what was applied meanwhile is written next.
-            joined = join_in_flight(&mut pipe.inflight), if pipe.inflight.is_some() => {
+            // The task is polled through a reference: its output is returned here, so the
+            // handle must not be awaited again (see `Processor::finish_joined`).
+            joined = or_never(pipe.inflight.as_mut().map(|f| &mut f.task)), if pipe.inflight.is_some() => {
                 let f = pipe.inflight.take().expect("a transaction in flight");
                 let committed = p.finish_joined(f.parts, joined, &consumer).await?;
                 p.next_commit(&mut pipe, committed, Hold::WhileGathering, &consumer, &shutdown).await?;
                 continue;
             }
             // Batches gathered for a transaction (see BACKLOG_BATCH): no more records came in time.
-            _ = sleep_until_or_never(gather_deadline), if pipe.inflight.is_none() => {
+            _ = or_never(gather_deadline.map(|d| tokio::time::sleep_until(d.into()))), if pipe.inflight.is_none() => {
                 p.next_commit(&mut pipe, true, Hold::No, &consumer, &shutdown).await?;
                 continue;
             }
