@@ -185,18 +185,15 @@ async fn phase(name: &'static str, a: &Args, steady: bool) -> Phase {
 
     let metrics = Metrics::new();
     let wakeup = std::sync::Arc::new(tokio::sync::Notify::new());
-    let worker = Worker::new(
-        &settings,
-        Store::connect(&settings.store.url).await.expect("store"),
-        DeliveryMetrics::new(&metrics),
-    )
-    .expect("worker")
-    // As in `keywatch run`: woken after each commit that wrote alerts.
-    .with_wakeup(wakeup.clone())
-    .with_options(WorkerOptions {
-        poll_interval: WOKEN_POLL_INTERVAL,
-        ..Default::default()
-    });
+    // One store shared with the writer above, as in `keywatch run`.
+    let worker = Worker::new(&settings, store.clone(), DeliveryMetrics::new(&metrics))
+        .expect("worker")
+        // As in `keywatch run`: woken after each commit that wrote alerts.
+        .with_wakeup(wakeup.clone())
+        .with_options(WorkerOptions {
+            poll_interval: WOKEN_POLL_INTERVAL,
+            ..Default::default()
+        });
     let token = CancellationToken::new();
     let running = tokio::spawn(worker.run(token.clone()));
 

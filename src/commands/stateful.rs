@@ -48,16 +48,19 @@ pub fn run(config: Option<&Path>) -> Result<(), Failure> {
             .await
             .map_err(|e| Failure::runtime(format!("run: http.listen {}: {e}", settings.http.listen)))?;
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "http");
-        let http_store = connect(&settings).await?;
-        let state = crate::http::AppState::new(&settings, shared.clone(), handle, Some(http_store));
+        // One store for the process: the loop, the HTTP side and the delivery worker share its
+        // pools, and on SQLite its writer connection and the turns writers take on it (two
+        // stores would be two writers waiting for each other in SQLite's busy handler, each
+        // dropping the other's page cache).
+        let store = connect(&settings).await?;
+        let state = crate::http::AppState::new(&settings, shared.clone(), handle, Some(store.clone()));
         let http = tokio::spawn(crate::http::serve(listener, state, token.clone()));
         // Delivery: the worker drains the outbox beside the processing loop. It stops after the
         // loop's last commit (its own token, cancelled below), so that commit is planned and
         // what is due is flushed before the process exits.
-        let delivery_store = connect(&settings).await?;
         let worker = crate::delivery::Worker::new(
             &settings,
-            delivery_store,
+            store.clone(),
             crate::delivery::DeliveryMetrics::new(&shared.metrics),
         )
         .map_err(|e| Failure::invalid(format!("run: delivery: {e}")))?
@@ -70,11 +73,12 @@ pub fn run(config: Option<&Path>) -> Result<(), Failure> {
         });
         let delivery_token = CancellationToken::new();
         let delivery = tokio::spawn(worker.run(delivery_token.clone()));
-        let result = service::run(settings, token.clone(), shared, requests).await;
+        let result = service::run(settings, store.clone(), token.clone(), shared, requests).await;
         token.cancel();
         delivery_token.cancel();
         let _ = delivery.await;
         let _ = http.await;
+        store.close().await;
         result.map_err(|e| Failure::runtime(format!("run: {e:#}")))
     })
 }

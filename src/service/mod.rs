@@ -273,13 +273,17 @@ struct Processor {
 }
 
 /// Runs until `shutdown` is cancelled; then finishes the batch in hand, commits and returns.
+///
+/// `store` is the process's one [`Store`] (shared with the HTTP side and the delivery worker, so
+/// that on SQLite their writes take turns in `Store::write_turn` with the loop's); the caller
+/// closes it once they have all stopped.
 pub async fn run(
     settings: Settings,
+    store: Store,
     shutdown: CancellationToken,
     health: Arc<Shared>,
     mut requests: tokio::sync::mpsc::Receiver<Request>,
 ) -> Result<(), ServiceError> {
-    let store = Store::connect(&settings.store.url).await?;
     health.store_ok.store(true, Ordering::SeqCst);
     let loaded = persist::load(&store, &settings).await?;
     let mut p = Processor {
@@ -449,7 +453,6 @@ pub async fn run(
             tracing::warn!(error = %e, "final offset commit failed; the stored progress still prevents double effects");
         }
     }
-    p.store.close().await;
     Ok(())
 }
 
