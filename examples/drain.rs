@@ -16,10 +16,19 @@ fn main() {
     }
     let count: u64 = args[3].parse().expect("COUNT is a number");
     // DRAIN_PROPERTIES="name=value,name=value" adds consumer properties (to compare prefetch
-    // settings, e.g. keywatch's own).
+    // settings); "keywatch" stands for keywatch's own (`keywatch::service::kafka::PREFETCH`).
     let extra = std::env::var("DRAIN_PROPERTIES").unwrap_or_default();
     let mut settings = vec![("enable.auto.commit", "false")];
-    settings.extend(extra.split(',').filter_map(|kv| kv.split_once('=')));
+    for item in extra.split(',').filter(|s| !s.is_empty()) {
+        match item.split_once('=') {
+            Some(kv) => settings.push(kv),
+            None if item == "keywatch" => settings.extend(keywatch::service::kafka::PREFETCH),
+            None => {
+                eprintln!("drain: DRAIN_PROPERTIES: {item:?} is neither name=value nor keywatch");
+                std::process::exit(1);
+            }
+        }
+    }
     let consumer = common::fresh_consumer(&args[1], &args[2], "drain", &settings);
     let mut n = 0u64;
     let mut bytes = 0u64;

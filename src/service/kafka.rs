@@ -33,6 +33,22 @@ pub fn base_config(k: &KafkaSettings) -> ClientConfig {
     c
 }
 
+/// keywatch's prefetch and fetch settings, set before `[kafka.properties]` (which may override
+/// each of them). `bench/service` runs its second bare-consumer baseline with exactly these
+/// (`examples/drain.rs`, `DRAIN_PROPERTIES=keywatch`).
+pub const PREFETCH: [(&str, &str); 4] = [
+    // Bounded prefetch (librdkafka buffers up to 64 MiB by default) and a short fetch wait, so
+    // that a lifecycle event is not held back by a broker that waits out fetch.wait.max.ms on a
+    // quiet topic.
+    ("queued.max.messages.kbytes", "4096"),
+    ("fetch.wait.max.ms", "50"),
+    // librdkafka waits fetch.queue.backoff.ms (1 s by default) before fetching again once the
+    // bounded queue above was full: with a small queue that halves throughput or worse.
+    ("fetch.queue.backoff.ms", "5"),
+    // One fetch response is held in memory whole: 50 MiB by default.
+    ("fetch.max.bytes", "4194304"),
+];
+
 /// The consumer: manual offset storage (offsets are stored only after the store committed),
 /// periodic commits of stored offsets, earliest offset for a new group. `[kafka.properties]` apply
 /// last, except the settings commit-after-process depends on (rejected by the configuration).
@@ -45,16 +61,9 @@ pub fn consumer_config(k: &KafkaSettings) -> ClientConfig {
     c.set("auto.offset.reset", "earliest");
     c.set("enable.partition.eof", "false");
     c.set("statistics.interval.ms", "5000");
-    // Bounded prefetch (librdkafka buffers up to 64 MiB by default) and a short
-    // fetch wait, so that a lifecycle event is not held back by a broker that waits out
-    // fetch.wait.max.ms on a quiet topic. Both can be overridden in [kafka.properties].
-    c.set("queued.max.messages.kbytes", "4096");
-    c.set("fetch.wait.max.ms", "50");
-    // librdkafka waits fetch.queue.backoff.ms (1 s by default) before fetching again once the
-    // bounded queue above was full: with a small queue that halves throughput or worse.
-    c.set("fetch.queue.backoff.ms", "5");
-    // One fetch response is held in memory whole: 50 MiB by default.
-    c.set("fetch.max.bytes", "4194304");
+    for (name, value) in PREFETCH {
+        c.set(name, value);
+    }
     for (name, value) in &k.properties {
         c.set(name, value);
     }
