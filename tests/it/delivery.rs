@@ -180,9 +180,7 @@ impl World {
         let store = Store::connect(&self.settings.store.url)
             .await
             .expect("store");
-        let token = CancellationToken::new();
-        let handle = tokio::spawn(self.worker(store).run(token.clone()));
-        Running { token, handle }
+        Running::spawn(self.worker(store))
     }
 
     async fn notifications(&self) -> Vec<NotificationRow> {
@@ -216,6 +214,13 @@ struct Running {
 }
 
 impl Running {
+    /// Runs `worker` until [`Running::stop`].
+    fn spawn(worker: Worker) -> Running {
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(worker.run(token.clone()));
+        Running { token, handle }
+    }
+
     async fn stop(self) {
         self.token.cancel();
         tokio::time::timeout(DEADLINE, self.handle)
@@ -1022,21 +1027,16 @@ async fn a_woken_worker_delivers_without_polling() {
     )
     .await;
     let wakeup = Arc::new(tokio::sync::Notify::new());
-    let store = Store::connect(&world.settings.store.url)
-        .await
-        .expect("store");
-    let worker = world
-        .worker(store)
-        .with_wakeup(wakeup.clone())
-        .with_options(WorkerOptions {
-            poll_interval: Duration::from_secs(3600),
-            ..fast()
-        });
-    let token = CancellationToken::new();
-    let running = Running {
-        token: token.clone(),
-        handle: tokio::spawn(worker.run(token)),
-    };
+    // On the store the events are written through, as in `run`.
+    let running = Running::spawn(
+        world
+            .worker(world.store.clone())
+            .with_wakeup(wakeup.clone())
+            .with_options(WorkerOptions {
+                poll_interval: Duration::from_secs(3600),
+                ..fast()
+            }),
+    );
     // The worker has looked once (nothing to do) and now waits.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(world.notifications().await.is_empty());
